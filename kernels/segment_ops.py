@@ -1,0 +1,110 @@
+"""Registered ops (namespace ``steppo_fast_triton``) and backend functions for the segment
+family: segment_sum, segment_mean, segment_broadcast.
+
+Ops are ``torch.library.custom_op`` (opaque to torch.compile, traced through their fake
+implementations) rather than ``triton_op``: ``triton_op`` traces into the kernel under fake /
+AOT dispatch, which breaks on CPU tensors under the Triton interpreter. Autograd:
+
+- sum:       d x = broadcast(d out)              (one broadcast launch)
+- mean:      d x = broadcast(d out / n_s)        (the same kernel, ``mean=True``)
+- broadcast: d y = segment_sum(d out)            (one reduce launch)
+
+fp64 inputs go to the torch reference (the gradcheck path; Triton fp64 is not the point).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import segment as _k
+from ._common import is_fp64
+
+_NS = "steppo_fast_triton"
+
+
+@torch.library.custom_op(f"{_NS}::segment_reduce", mutates_args=())
+def segment_reduce_op(x: torch.Tensor, cu: torch.Tensor, mean: bool) -> torch.Tensor:
+    """fp32 [S] per-segment sum (mean when ``mean``) of ``x`` [A] over ``cu`` [S+1]."""
+    return _k.segment_reduce(x, cu, mean=mean)
+
+
+@segment_reduce_op.register_fake
+def _(x, cu, mean):
+    return x.new_empty(cu.shape[0] - 1, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::segment_expand", mutates_args=())
+def segment_expand_op(
+    y: torch.Tensor, cu: torch.Tensor, num_entries: int, mean: bool
+) -> torch.Tensor:
+    """fp32 [num_entries]: ``y[s]`` (``/ n_s`` when ``mean``) copied to segment s's entries."""
+    return _k.segment_expand(y, cu, num_entries, mean=mean)
+
+
+@segment_expand_op.register_fake
+def _(y, cu, num_entries, mean):
+    return y.new_empty(num_entries, dtype=torch.float32)
+
+
+def _reduce_setup(ctx, inputs, output):
+    x, cu, mean = inputs
+    ctx.save_for_backward(cu)
+    ctx.num_entries = x.shape[0]
+    ctx.mean = mean
+    ctx.x_dtype = x.dtype
+
+
+def _reduce_backward(ctx, grad):
+    (cu,) = ctx.saved_tensors
+    dx = segment_expand_op(grad, cu, ctx.num_entries, ctx.mean).to(ctx.x_dtype)
+    return dx, None, None
+
+
+segment_reduce_op.register_autograd(_reduce_backward, setup_context=_reduce_setup)
+
+
+def _expand_setup(ctx, inputs, output):
+    y, cu, num_entries, mean = inputs
+    ctx.save_for_backward(cu)
+    ctx.mean = mean
+    ctx.y_dtype = y.dtype
+
+
+def _expand_backward(ctx, grad):
+    (cu,) = ctx.saved_tensors
+    dy = segment_reduce_op(grad, cu, ctx.mean).to(ctx.y_dtype)
+    return dy, None, None, None
+
+
+segment_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+
+# ---- backend functions (the contract of steppo_fast._dispatch: reference signatures) ----
+
+
+def segment_sum(x, cu_steps):
+    """Triton backend of :func:`steppo_fast.segment_sum` (fp64 -> torch reference)."""
+    if is_fp64(x):
+        from steppo_fast.reference import segment_sum as ref
+
+        return ref(x, cu_steps)
+    return segment_reduce_op(x, cu_steps, False)
+
+
+def segment_mean(x, cu_steps):
+    """Triton backend of :func:`steppo_fast.segment_mean` (empty segment -> 0)."""
+    if is_fp64(x):
+        from steppo_fast.reference import segment_mean as ref
+
+        return ref(x, cu_steps)
+    return segment_reduce_op(x, cu_steps, True)
+
+
+def segment_broadcast(y, cu_steps):
+    """Triton backend of :func:`steppo_fast.segment_broadcast`. Reads ``cu_steps[-1]`` on the
+    host for the output length (one sync, like the reference)."""
+    if is_fp64(y):
+        from steppo_fast.reference import segment_broadcast as ref
+
+        return ref(y, cu_steps)
+    return segment_expand_op(y, cu_steps, int(cu_steps[-1]), False)

@@ -1,0 +1,240 @@
+"""Registered ops (namespace ``steppo_fast_triton``) and the backend function of the fused
+step policy loss (kernels in ``step_loss.py``, launchers in ``step_loss_launch.py``).
+
+Differentiable w.r.t. logp, old_logp, ref_logp and advantages (not step_weight: the backend
+raises if step_weight requires grad). fp64 inputs go to the torch reference (gradcheck path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import step_loss as _k
+from .step_loss_launch import LossOptions, policy_loss_backward, policy_loss_forward
+
+_NS = "steppo_fast_triton"
+_RATIO = {"token": _k.RATIO_TOKEN, "step": _k.RATIO_STEP, "trajectory": _k.RATIO_TRAJ}
+_AGG = {"step-mean": _k.AGG_STEP, "token-mean": _k.AGG_TOKEN, "traj-mean": _k.AGG_TRAJ}
+_KL = {"k1": _k.KL_K1, "k2": _k.KL_K2, "k3": _k.KL_K3}
+
+
+# ---- registered ops ----
+
+
+@torch.library.custom_op(f"{_NS}::step_policy_loss", mutates_args=())
+def step_policy_loss_op(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cu_steps: torch.Tensor,
+    cu_trajs: torch.Tensor | None,
+    step_weight: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    ratio_level: int,
+    agg: int,
+    kl_type: int,
+    length_power: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    normalizer: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss 0-d, stats [6], per-step table [S, NUM_COLS]), fp32."""
+    o = LossOptions(
+        ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
+    )
+    return policy_loss_forward(
+        logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, o
+    )
+
+
+@step_policy_loss_op.register_fake
+def _(logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, *options):
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    return (
+        torch.empty((), **f32),
+        torch.empty(6, **f32),
+        torch.empty(advantages.shape[0], _k.NUM_COLS, **f32),
+    )
+
+
+@torch.library.custom_op(f"{_NS}::step_policy_loss_backward", mutates_args=())
+def step_policy_loss_backward_op(
+    grad: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cu_steps: torch.Tensor,
+    step_weight: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    table: torch.Tensor,
+    ratio_level: int,
+    agg: int,
+    kl_type: int,
+    length_power: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    normalizer: float | None,
+    need_old: bool,
+    need_ref: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d logp [A], d old_logp [A] or [0], d ref_logp [A] or [0], d advantages [S]), fp32."""
+    o = LossOptions(
+        ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
+    )
+    return policy_loss_backward(
+        grad,
+        logp,
+        old_logp,
+        advantages,
+        cu_steps,
+        step_weight,
+        ref_logp,
+        table,
+        o,
+        need_old,
+        need_ref,
+    )
+
+
+@step_policy_loss_backward_op.register_fake
+def _(grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, table, *rest):
+    need_old, need_ref = rest[-2], rest[-1]
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    num_tokens = logp.shape[0]
+    return (
+        torch.empty(num_tokens, **f32),
+        torch.empty(num_tokens if need_old else 0, **f32),
+        torch.empty(num_tokens if need_ref else 0, **f32),
+        torch.empty(advantages.shape[0], **f32),
+    )
+
+
+_OPTION_NAMES = [f.name for f in dataclasses.fields(LossOptions)]
+
+
+def _setup(ctx, inputs, output):
+    logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, *options = inputs
+    ctx.options = options
+    ctx.dtypes = (
+        logp.dtype,
+        old_logp.dtype,
+        advantages.dtype,
+        None if ref_logp is None else ref_logp.dtype,
+    )
+    ctx.save_for_backward(logp, old_logp, advantages, cu_steps, step_weight, ref_logp, output[2])
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_table):
+    logp, old_logp, advantages, cu_steps, step_weight, ref_logp, table = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_old, need_ref = bool(need[1]), bool(need[6])
+    d_logp, d_old, d_ref, d_adv = step_policy_loss_backward_op(
+        grad_loss,
+        logp,
+        old_logp,
+        advantages,
+        cu_steps,
+        step_weight,
+        ref_logp,
+        table,
+        *ctx.options,
+        need_old,
+        need_ref,
+    )
+    t_logp, t_old, t_adv, t_ref = ctx.dtypes
+    return (
+        d_logp.to(t_logp) if need[0] else None,
+        d_old.to(t_old) if need_old else None,
+        d_adv.to(t_adv) if need[2] else None,
+        None,
+        None,
+        None,
+        d_ref.to(t_ref) if need_ref else None,
+        *([None] * len(_OPTION_NAMES)),
+    )
+
+
+step_policy_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- backend function (reference signature) ----
+
+
+def step_policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    cu_steps,
+    *,
+    cu_trajs=None,
+    ratio_level="step",
+    length_power=1.0,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    agg="step-mean",
+    step_weight=None,
+    ref_logp=None,
+    kl_coef=0.0,
+    kl_type="k3",
+    normalizer=None,
+):
+    """Triton backend of :func:`steppo_fast.step_policy_loss` -> (loss, stats dict of floats).
+
+    fp64 inputs run the torch reference. The stats cost one host sync (as the reference)."""
+    tensors = (logp, old_logp, advantages, step_weight, ref_logp)
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
+        from steppo_fast.reference import step_policy_loss as ref
+
+        return ref(
+            logp,
+            old_logp,
+            advantages,
+            cu_steps,
+            cu_trajs=cu_trajs,
+            ratio_level=ratio_level,
+            length_power=length_power,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            agg=agg,
+            step_weight=step_weight,
+            ref_logp=ref_logp,
+            kl_coef=kl_coef,
+            kl_type=kl_type,
+            normalizer=normalizer,
+        )
+    if step_weight is not None and step_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "step_weight: the triton backend does not differentiate w.r.t. step_weight; "
+            "pass step_weight.detach() or use impl='torch'"
+        )
+    o = LossOptions(
+        ratio_level=_RATIO[ratio_level],
+        agg=_AGG[agg],
+        kl_type=_KL[kl_type] if kl_coef != 0.0 else _k.KL_NONE,
+        length_power=float(length_power),
+        clip_low=float(clip_low),
+        clip_high=float(clip_high),
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        kl_coef=float(kl_coef),
+        normalizer=None if normalizer is None else float(normalizer),
+    )
+    loss, stats, _ = step_policy_loss_op(
+        logp,
+        old_logp,
+        advantages,
+        cu_steps,
+        cu_trajs,
+        step_weight,
+        ref_logp if o.kl_type != _k.KL_NONE else None,
+        **dataclasses.asdict(o),
+    )
+    keys = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
+    return loss, dict(zip(keys, stats.tolist()))

@@ -1,0 +1,30 @@
+"""Built-in multi-turn environments.
+
+- ``doors`` (:class:`DoorsEnv`): the easy default; read a colour, ``open`` the door; 3 doors
+  within 8 steps.
+- ``quest`` (:class:`QuestEnv`): the harder one for comparisons; fetch the right key, open the
+  chest, bring the gem; ordered sub-goals, distractors, a step cost, 20 steps.
+
+Both speak text (see :class:`Env`), declare an action :class:`Grammar` for constrained
+decoding, and use the shipped word-level vocabulary (:func:`default_tokenizer`).
+"""
+
+from .base import Env, env_names, make_env, random_policy_success_rate, register, run_random_episode
+from .doors import DoorsEnv
+from .grammar import Grammar
+from .quest import QuestEnv
+from .tokenizer import WordTokenizer, default_tokenizer
+
+__all__ = [
+    "DoorsEnv",
+    "Env",
+    "Grammar",
+    "QuestEnv",
+    "WordTokenizer",
+    "default_tokenizer",
+    "env_names",
+    "make_env",
+    "random_policy_success_rate",
+    "register",
+    "run_random_episode",
+]

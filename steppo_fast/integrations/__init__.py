@@ -1,0 +1,1 @@
+"""Adapters for existing RL engines."""

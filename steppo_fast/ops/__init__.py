@@ -1,0 +1,1 @@
+"""Public ops: validation + dispatch by ``impl=`` to a backend (see ``_dispatch``)."""

@@ -1,0 +1,272 @@
+"""Triton fused step policy loss under the interpreter, forward (loss + stats) and backward
+(d logp, d old_logp, d ref_logp, d advantages) against the torch reference: every ratio level x
+agg, weights with zero (padding) steps, dual clip, KL kinds, length power, normalizer, bf16,
+extreme log-ratios, empty batches; registered-op checks."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import TOL
+from steppo_fast.kernels import step_loss_ops
+
+from steppo_fast import step_policy_loss
+
+STEP_LENGTHS = [3, 1, 70, 5, 1, 1, 129, 2, 9, 17, 1, 4, 33]  # odd sizes, one-token steps
+TRAJ_LENGTHS = [4, 1, 0, 6, 2]  # one-step and empty trajectories
+
+
+def offsets(lengths, dtype=torch.int32):
+    return torch.tensor(
+        [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=dtype
+    )
+
+
+def make_batch(dtype=torch.float32, spread=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cu_steps, cu_trajs = offsets(STEP_LENGTHS), offsets(TRAJ_LENGTHS)
+    a, s = int(cu_steps[-1]), len(STEP_LENGTHS)
+    logp = -torch.rand(a, generator=gen) * 3
+    old = logp + spread * torch.randn(a, generator=gen)
+    ref = logp + spread * torch.randn(a, generator=gen)
+    adv = torch.randn(s, generator=gen)
+    weight = torch.rand(s, generator=gen) + 0.1
+    weight[[2, 9]] = 0.0  # padding steps (one of them long)
+    to = lambda t: t.to(dtype)
+    return dict(
+        logp=to(logp),
+        old=to(old),
+        ref=to(ref),
+        adv=to(adv),
+        weight=weight,
+        cu_steps=cu_steps,
+        cu_trajs=cu_trajs,
+    )
+
+
+def run(impl, b, need=(True, True, True, True), **kw):
+    """Loss, stats and the gradients w.r.t. (logp, old_logp, advantages, ref_logp)."""
+    leaves = [b["logp"], b["old"], b["adv"], b["ref"]]
+    leaves = [t.clone().requires_grad_(n) for t, n in zip(leaves, need)]
+    logp, old, adv, ref = leaves
+    loss, stats = step_policy_loss(
+        logp, old, adv, b["cu_steps"], cu_trajs=b["cu_trajs"], ref_logp=ref, impl=impl, **kw
+    )
+    loss.backward()
+    return loss.detach(), stats, [t.grad for t in leaves]
+
+
+def compare(b, dtype, need=(True, True, True, True), **kw):
+    loss_t, stats_t, grads_t = run("triton", b, need, **kw)
+    loss_r, stats_r, grads_r = run("torch", b, need, **kw)
+    atol, rtol = TOL[dtype]
+    assert loss_t.dtype == torch.float32
+    torch.testing.assert_close(loss_t, loss_r, atol=atol, rtol=rtol)
+    assert stats_t.keys() == stats_r.keys()
+    for key in stats_t:
+        assert math.isclose(stats_t[key], stats_r[key], rel_tol=rtol, abs_tol=atol), key
+    for g_t, g_r in zip(grads_t, grads_r):
+        if g_r is None:
+            assert g_t is None
+            continue
+        assert g_t.dtype == g_r.dtype
+        # bf16 gradients: both sides round fp32 math to bf16 (interpreter truncates): 1 ulp
+        g_atol, g_rtol = (1e-6, 2**-7) if g_t.dtype == torch.bfloat16 else (atol * 0.1, rtol)
+        torch.testing.assert_close(g_t.float(), g_r.float(), atol=g_atol, rtol=g_rtol)
+    return stats_t
+
+
+@pytest.mark.parametrize(
+    "ratio_level, agg",
+    list(
+        itertools.product(["step", "token", "trajectory"], ["step-mean", "token-mean", "traj-mean"])
+    ),
+)
+def test_every_ratio_level_and_agg_with_weights_dual_clip_and_kl(ratio_level, agg):
+    b = make_batch(spread=0.4)
+    stats = compare(
+        b,
+        torch.float32,
+        ratio_level=ratio_level,
+        agg=agg,
+        step_weight=b["weight"],
+        clip_low=0.1,
+        clip_high=0.15,
+        dual_clip=1.5,
+        kl_coef=0.2,
+        kl_type="k3",
+        length_power=0.5 if ratio_level != "token" else 1.0,
+    )
+    assert stats["clip_frac"] > 0  # the clipped branch is exercised
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("ratio_level", ["step", "token"])
+def test_kl_kinds_without_weights(kl_type, ratio_level):
+    b = make_batch(spread=1.0)
+    compare(
+        b,
+        torch.float32,
+        ratio_level=ratio_level,
+        kl_coef=-0.7,
+        kl_type=kl_type,
+        clip_low=3e-4,
+        clip_high=4e-4,
+    )
+
+
+def test_dual_clip_branch_and_normalizer():
+    b = make_batch(spread=2.0, seed=3)
+    stats = compare(
+        b,
+        torch.float32,
+        ratio_level="token",
+        agg="token-mean",
+        dual_clip=2.0,
+        normalizer=123.0,
+        step_weight=b["weight"],
+    )
+    assert stats["dual_clip_frac"] > 0
+
+
+def test_extreme_log_ratios_and_nan_garbage_in_padding_steps():
+    b = make_batch()
+    b["old"][:10] -= 50.0  # log-ratios beyond the +-20 clamp (zero gradient there)
+    b["old"][10:20] += 50.0
+    pad = slice(int(b["cu_steps"][2]), int(b["cu_steps"][3]))  # step 2 has weight 0
+    b["logp"][pad] = float("nan")
+    b["old"][pad] = float("inf")
+    b["adv"][2] = float("nan")
+    for ratio_level in ("token", "step", "trajectory"):
+        compare(
+            b,
+            torch.float32,
+            ratio_level=ratio_level,
+            step_weight=b["weight"],
+            dual_clip=3.0,
+            kl_coef=0.1,
+        )
+    loss, _, grads = run("triton", b, ratio_level="step", step_weight=b["weight"], kl_coef=0.1)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][pad] == 0).all()
+
+
+def test_bf16_inputs():
+    b = make_batch(dtype=torch.bfloat16, spread=0.4)
+    for ratio_level, agg in (
+        ("step", "step-mean"),
+        ("token", "traj-mean"),
+        ("trajectory", "token-mean"),
+    ):
+        compare(
+            b,
+            torch.bfloat16,
+            ratio_level=ratio_level,
+            agg=agg,
+            step_weight=b["weight"],
+            kl_coef=0.1,
+            dual_clip=2.0,
+        )
+
+
+def test_only_logp_needs_grad():
+    b = make_batch()
+    compare(b, torch.float32, need=(True, False, False, False), kl_coef=0.3)
+
+
+def test_empty_batch_and_all_zero_weights_give_zero_loss_and_grad():
+    logp = torch.zeros(0, requires_grad=True)
+    cu = torch.zeros(1, dtype=torch.int32)
+    loss, stats = step_policy_loss(logp, torch.zeros(0), torch.zeros(0), cu, impl="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and logp.grad.shape == (0,)
+    assert (
+        stats
+        == step_policy_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), cu, impl="torch")[1]
+    )
+    b = make_batch()
+    b["weight"].zero_()
+    loss_t, stats_t, grads_t = run("triton", b, step_weight=b["weight"], kl_coef=0.1)
+    assert loss_t.item() == 0.0 and all((g == 0).all() for g in grads_t)
+    assert stats_t["ratio_mean"] == 1.0 and stats_t["clip_frac"] == 0.0
+
+
+def test_one_step_per_trajectory_trajectory_ratio_equals_step_ratio():
+    b = make_batch()
+    b["cu_trajs"] = torch.arange(len(STEP_LENGTHS) + 1, dtype=torch.int32)
+    a = run("triton", b, ratio_level="trajectory")
+    s = run("triton", b, ratio_level="step")
+    torch.testing.assert_close(a[0], s[0])
+    torch.testing.assert_close(a[2][0], s[2][0])
+
+
+def test_fp64_runs_the_reference_and_passes_gradcheck():
+    b = make_batch(dtype=torch.float64)
+    logp = b["logp"][:20].clone().requires_grad_()
+    cu = torch.tensor([0, 5, 6, 20], dtype=torch.int32)
+    old, adv = b["old"][:20], b["adv"][:3]
+
+    def f(x):
+        return step_policy_loss(x, old, adv, cu, clip_low=0.1, clip_high=0.1, impl="triton")[0]
+
+    assert torch.autograd.gradcheck(f, (logp,))
+
+
+def test_step_weight_requiring_grad_is_rejected():
+    b = make_batch()
+    with pytest.raises(ValueError, match="step_weight"):
+        step_policy_loss(
+            b["logp"],
+            b["old"],
+            b["adv"],
+            b["cu_steps"],
+            step_weight=b["weight"].requires_grad_(),
+            impl="triton",
+        )
+
+
+def test_registered_ops_pass_opcheck_and_trace_fullgraph():
+    b = make_batch()
+    cu_steps = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    cu_trajs = torch.tensor([0, 2, 3], dtype=torch.int32)
+    logp = b["logp"][:9].clone().requires_grad_()
+    old, ref, adv = b["old"][:9], b["ref"][:9].clone().requires_grad_(), b["adv"][:3]
+    weight = torch.tensor([1.0, 0.0, 2.0])
+    options = dict(
+        ratio_level=2,
+        agg=2,
+        kl_type=3,
+        length_power=1.0,
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip=3.0,
+        kl_coef=0.1,
+        normalizer=None,
+    )
+    args = (logp, old, adv, cu_steps, cu_trajs, weight, ref)
+    torch.library.opcheck(step_loss_ops.step_policy_loss_op, args, options)
+
+    def f(x):
+        return step_loss_ops.step_policy_loss_op(
+            x, old, adv, cu_steps, cu_trajs, weight, ref, **options
+        )[0]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(logp).backward()
+    want = logp.detach().clone().requires_grad_()
+    step_policy_loss(
+        want,
+        old,
+        adv,
+        cu_steps,
+        cu_trajs=cu_trajs,
+        ratio_level="trajectory",
+        agg="traj-mean",
+        step_weight=weight,
+        ref_logp=ref.detach(),
+        kl_coef=0.1,
+        dual_clip=3.0,
+        impl="torch",
+    )[0].backward()
+    torch.testing.assert_close(logp.grad, want.grad)
