@@ -1,0 +1,100 @@
+"""Shared helpers for the C++ backend tests (tests/test_cpp_*.py): the skip marker when the
+extension is not built, CSR layouts (ragged, with empty segments, long, large enough to use
+several OpenMP chunks), and comparison against the torch reference evaluated in float64.
+
+Comparing against the reference on the same input values upcast to fp64 measures the kernel's
+error against the exact result of the spec's math; the tolerance is then the output dtype's
+(TOL in conftest), never widened to pass."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conftest import TOL
+
+
+def _cpp_built() -> bool:
+    try:
+        importlib.import_module("steppo_fast._C")
+    except ImportError:
+        return False
+    return True
+
+
+CPP_BUILT = _cpp_built()
+requires_cpp = pytest.mark.skipif(
+    not CPP_BUILT, reason="steppo_fast._C is not built (pip install --no-build-isolation -e .)"
+)
+
+# Input dtypes the kernels read directly (fp16 shares the bf16 path: upcast per element).
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def offsets(lengths, dtype=torch.int32) -> torch.Tensor:
+    """CSR offsets [len(lengths) + 1] from segment lengths."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(dtype)
+
+
+def ragged_lengths(gen: torch.Generator, count: int, low: int, high: int) -> torch.Tensor:
+    """``count`` lengths uniform in [low, high]."""
+    return torch.randint(low, high + 1, (count,), generator=gen)
+
+
+# Named layouts of segment lengths (a trajectory's steps, or a step's tokens). The large ones
+# (> 2**16 entries) split into several OpenMP chunks, and their segments cross chunk
+# boundaries; "long_tokens" is token-level GAE with trajectories of 60k-70k tokens.
+def layout(name: str, gen: torch.Generator) -> torch.Tensor:
+    if name == "hand":
+        return torch.tensor([3, 1, 2])
+    if name == "one_each":  # one-step trajectories / one-token steps
+        return torch.ones(64, dtype=torch.int64)
+    if name == "ragged_with_empty":  # includes leading, inner and trailing empty segments
+        inner = ragged_lengths(gen, 200, 0, 40)
+        return torch.cat(
+            [torch.zeros(2, dtype=torch.int64), inner, torch.zeros(3, dtype=torch.int64)]
+        )
+    if name == "long_5000":
+        return torch.tensor([5000])
+    if name == "long_tokens":
+        return torch.tensor([60_000, 1, 70_000, 0])
+    if name == "many_short":  # ~120k entries in 40k segments: chunk-crossing segments
+        return ragged_lengths(gen, 40_000, 1, 5)
+    if name == "empty_batch":
+        return torch.zeros(0, dtype=torch.int64)
+    if name == "all_empty":
+        return torch.zeros(5, dtype=torch.int64)
+    raise KeyError(name)
+
+
+LAYOUTS = [
+    "hand",
+    "one_each",
+    "ragged_with_empty",
+    "long_5000",
+    "long_tokens",
+    "many_short",
+    "empty_batch",
+    "all_empty",
+]
+
+
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fp64(*tensors):
+    """Upcast float tensors to fp64 (exact for every input dtype); None passes through."""
+    return tuple(None if t is None else t.detach().double() for t in tensors)
+
+
+def assert_matches(got: torch.Tensor, want_fp64: torch.Tensor, input_dtype: torch.dtype):
+    """``got`` (the kernel's result for inputs of ``input_dtype``) has the result dtype and
+    equals the fp64 reference within that input dtype's tolerance."""
+    expected_dtype = result_dtype(input_dtype)
+    assert got.dtype == expected_dtype, (got.dtype, expected_dtype)
+    assert got.shape == want_fp64.shape
+    atol, rtol = TOL[input_dtype if input_dtype in TOL else torch.bfloat16]
+    torch.testing.assert_close(got, want_fp64.to(expected_dtype), atol=atol, rtol=rtol)
