@@ -2,12 +2,31 @@
 ``linear_logprobs``.
 
 Forward: one fused kernel (GEMM tiles + online log-sum-exp + entropy), saving lse [M] (and the
-entropy) only. Backward, per chunk of ``rows`` rows: one kernel recomputes the chunk's logit tiles
-and writes dz into a reused [rows, V] fp32 buffer (extra memory O(chunk * V), as the public op
-promises), then ``d hidden = dz @ W / T`` and ``d W += dz^T @ h / T`` (``addmm_``, in place) and
-``d b += dz^T 1 / T`` run as vendor GEMMs. Exact: every vocabulary entry contributes (no
-gradient filtering). bf16/fp16 weights are upcast once for the backward GEMMs (as the
-reference); gradients are returned in each input's dtype.
+entropy) only. Backward, per chunk of ``rows`` rows (all Triton, 1-3 launches per chunk):
+``_logit_grad_kernel`` recomputes the chunk's logit tiles and writes ``dz / T`` into a reused
+[rows, V] buffer **of the GEMM dtype** (extra memory O(chunk * V), as the public op promises)
+and adds its fp32 column sums to d bias; ``_matmul_kernel`` then forms ``d hidden[chunk] =
+(dz / T) @ W`` and accumulates ``d W += (dz / T)^T @ h[chunk]`` in one fp32 [V, H] buffer.
+Every vocabulary entry contributes (no gradient filtering); no atomics (deterministic).
+
+GEMM dtype (decided here from the inputs, no keyword): bf16 (fp16) when hidden and weight are
+both bf16 (fp16): dz is computed in fp32 and rounded once to that dtype (to nearest even), the
+GEMMs run on the tensor cores with fp32 accumulation. What is exact: logp, lse and entropy
+(fp32 accumulation, no rounding of any intermediate), d bias (fp32 column sums of the unrounded
+dz) and every GEMM product and sum (fp32); the one approximation is the rounding of each
+``dz_ij / T`` (relative <= 2^-8 for bf16, so ``|d hidden - exact| <= 2^-8 (|dz| @ |W|) / T``
+elementwise, likewise d W with ``|dz|^T @ |h|``). This is what Liger-Kernel and
+cut-cross-entropy do (their logit gradient is in the input dtype too). fp32 or mixed-dtype
+inputs use an fp32 dz and IEEE fp32 GEMMs: exact fp32 math. Gradients are accumulated in fp32
+and cast once to each input's dtype.
+
+Why materialise dz per chunk and not fuse the GEMMs (bench/ROOFLINE.md section 4 has the
+numbers): a program cannot hold d hidden [BLOCK_M, H] or d W [BLOCK_V, H] at H = 4096, so a
+fused kernel needs fp32 atomics (~2.5 TB of read-modify-write at the target shape,
+non-deterministic) or a second logit recomputation (+2MVH FLOPs); the bf16 dz round trip is
+``6-8 MV`` bytes, 20-27 ms against ~200 ms of GEMMs. The GEMMs are Triton (``_matmul_kernel``)
+because cuBLAS' bf16-in / fp32-out accumulation (``out_dtype``) exists only in CUDA builds of
+torch and could not be run here.
 
 fp64 inputs go to the torch reference (the gradcheck path).
 """
@@ -23,12 +42,57 @@ _NS = "steppo_fast_triton"
 BLOCK_M = 16  # rows per program (tl.dot needs >= 16)
 BLOCK_V = 64  # vocab entries per tile
 BLOCK_H = 32  # hidden slice per tl.dot
+MM_BLOCK_P = 64  # backward GEMM: output rows per program
+MM_BLOCK_Q = 64  # backward GEMM: output columns per program
+MM_BLOCK_K = 32  # backward GEMM: reduction slice per tl.dot
+MM_GROUP_P = 8  # backward GEMM: row tiles per launch group (L2 reuse)
 
 
 def _dot_fp32(*tensors) -> bool:
-    """Convert tiles to fp32 before tl.dot: always for fp32 inputs and on CPU (the Triton
-    interpreter computes garbage on bf16 values); bf16/fp16 on a GPU use the tensor cores."""
-    return any(t.device.type == "cpu" or t.dtype == torch.float32 for t in tensors)
+    """Convert tiles to fp32 before tl.dot: for fp32 or mixed-dtype operands and always on CPU
+    (the Triton interpreter computes garbage on bf16 values; its fp32 dot of upcast bf16 values
+    is exact per product, like the tensor cores); same-dtype bf16/fp16 on a GPU use the tensor
+    cores."""
+    dtypes = {t.dtype for t in tensors}
+    return len(dtypes) > 1 or any(
+        t.device.type == "cpu" or t.dtype == torch.float32 for t in tensors
+    )
+
+
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """dtype of the backward's logit-gradient buffer and GEMM operands: the inputs' dtype when
+    hidden and weight are both bf16 or both fp16 (tensor cores), else fp32 (exact fp32 GEMMs)."""
+    if hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return torch.float32
+
+
+def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with ``_matmul_kernel``: a [P, K], b [K, Q] (any strides, GEMM dtype),
+    out [P, Q] fp32; fp32 accumulation."""
+    size_p, size_k = a.shape
+    size_q = b.shape[1]
+    grid = (triton.cdiv(size_p, MM_BLOCK_P) * triton.cdiv(size_q, MM_BLOCK_Q),)
+    _k._matmul_kernel[grid](
+        a,
+        b,
+        out,
+        size_p,
+        size_q,
+        size_k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ACCUMULATE=accumulate,
+        DOT_FP32=_dot_fp32(a, b),
+        BLOCK_P=MM_BLOCK_P,
+        BLOCK_Q=MM_BLOCK_Q,
+        BLOCK_K=MM_BLOCK_K,
+        GROUP_P=MM_GROUP_P,
+    )
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -71,6 +135,47 @@ def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bo
     return logp, lse, entropy
 
 
+def logit_grad_chunk(
+    hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_temp, dz_out, grad_b=None
+) -> None:
+    """One chunk's logit gradient: ``dz_out [n, V] <- dz / T`` (``_logit_grad_kernel``),
+    rounded once to ``dz_out``'s dtype (to nearest even), and ``grad_b [V] += sum_rows dz / T``
+    in fp32 when ``grad_b`` is given.
+
+    hidden [n, H] (unit column stride), weight [V, H], bias [V] or None, targets [n], lse [n]
+    fp32, entropy [n] fp32 and g_ent [n] fp32 (both None: no entropy gradient), g_logp [n]
+    fp32; dz_out contiguous fp32/bf16/fp16."""
+    num_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    has_ent = g_ent is not None
+    _k._logit_grad_kernel[(triton.cdiv(vocab, BLOCK_V),)](
+        hidden,
+        weight,
+        bias.contiguous() if bias is not None else lse,  # placeholder, never read
+        targets,
+        lse,
+        entropy if has_ent else lse,
+        g_logp,
+        g_ent if has_ent else g_logp,
+        dz_out,
+        grad_b if grad_b is not None else lse,
+        num_rows,
+        vocab,
+        width,
+        hidden.stride(0),
+        weight.stride(0),
+        inv_temp,
+        HAS_BIAS=bias is not None,
+        HAS_ENT_GRAD=has_ent,
+        NEED_DB=grad_b is not None,
+        ROUND_BF16=dz_out.dtype == torch.bfloat16,
+        DOT_FP32=_dot_fp32(hidden, weight),
+        BLOCK_M=BLOCK_M,
+        BLOCK_V=BLOCK_V,
+        BLOCK_H=BLOCK_H,
+    )
+
+
 def lse_backward(
     g_logp,
     g_ent,
@@ -86,59 +191,52 @@ def lse_backward(
     need_w: bool,
     need_b: bool,
 ):
-    """(d hidden [M, H], d weight [V, H], d bias [V]) fp32; unneeded ones are [0]-shaped."""
+    """(d hidden [M, H], d weight [V, H], d bias [V]) fp32; unneeded ones are [0]-shaped.
+
+    The logit gradient of each chunk goes through a [rows, V] buffer of ``gemm_dtype``."""
     hidden, weight = _rows_ready(hidden), _rows_ready(weight)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     f32 = dict(dtype=torch.float32, device=device)
-    grad_h = torch.zeros(num_rows, width, **f32) if need_h else torch.empty(0, **f32)
-    grad_w = torch.zeros(vocab, width, **f32) if need_w else torch.empty(0, **f32)
-    grad_b = torch.zeros(vocab, **f32) if (need_b and bias is not None) else torch.empty(0, **f32)
+    need_b = need_b and bias is not None
     if num_rows == 0 or not (need_h or need_w or need_b):
-        return grad_h, grad_w, grad_b
+        return (
+            torch.zeros(num_rows, width, **f32) if need_h else torch.empty(0, **f32),
+            torch.zeros(vocab, width, **f32) if need_w else torch.empty(0, **f32),
+            torch.zeros(vocab, **f32) if need_b else torch.empty(0, **f32),
+        )
+    grad_h = torch.empty(num_rows, width, **f32) if need_h else torch.empty(0, **f32)
+    grad_w = torch.empty(vocab, width, **f32) if need_w else torch.empty(0, **f32)  # 1st chunk sets
+    grad_b = torch.zeros(vocab, **f32) if need_b else torch.empty(0, **f32)  # kernel adds to it
     has_ent = g_ent is not None
     g_logp = g_logp.to(torch.float32).contiguous()
-    g_ent = g_ent.to(torch.float32).contiguous() if has_ent else g_logp  # placeholder if None
+    g_ent = g_ent.to(torch.float32).contiguous() if has_ent else None
     targets = targets.contiguous()
-    bias_arg = bias.contiguous() if bias is not None else lse
-    weight_f32 = weight.to(torch.float32)  # no copy for an fp32 weight
+    dz_dtype = gemm_dtype(hidden, weight)
     rows = max(1, min(rows, num_rows))
-    buffer = torch.empty(rows, vocab, **f32)
+    buffer = torch.empty(rows, vocab, dtype=dz_dtype, device=device)
     for r0 in range(0, num_rows, rows):
         r1 = min(r0 + rows, num_rows)
         n = r1 - r0
-        dz = buffer[:n]
-        _k._logit_grad_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(vocab, BLOCK_V))](
+        dz = buffer[:n]  # dz / T of rows [r0, r1)
+        logit_grad_chunk(
             hidden[r0:r1],
             weight,
-            bias_arg,
+            bias,
             targets[r0:r1],
             lse[r0:r1],
-            entropy[r0:r1] if has_ent else lse[r0:r1],
+            entropy[r0:r1] if has_ent else None,
             g_logp[r0:r1],
-            g_ent[r0:r1],
-            dz,
-            n,
-            vocab,
-            width,
-            hidden.stride(0),
-            weight.stride(0),
+            g_ent[r0:r1] if has_ent else None,
             inv_temp,
-            HAS_BIAS=bias is not None,
-            HAS_ENT_GRAD=has_ent,
-            DOT_FP32=_dot_fp32(hidden, weight),
-            BLOCK_M=BLOCK_M,
-            BLOCK_V=BLOCK_V,
-            BLOCK_H=BLOCK_H,
+            dz,
+            grad_b if need_b else None,
         )
-        if need_h:
-            torch.mm(dz, weight_f32, out=grad_h[r0:r1])
-            grad_h[r0:r1].mul_(inv_temp)
-        if need_w:
-            grad_w.addmm_(dz.t(), hidden[r0:r1].to(torch.float32), alpha=inv_temp)
-        if need_b and bias is not None:
-            grad_b.addmv_(dz.t(), dz.new_ones(n), alpha=inv_temp)
+        if need_h:  # d hidden[r0:r1] = (dz / T) @ W
+            gemm_into(dz, weight, grad_h[r0:r1], accumulate=False)
+        if need_w:  # d W += (dz / T)^T @ h[r0:r1]
+            gemm_into(dz.t(), hidden[r0:r1], grad_w, accumulate=r0 > 0)
     return grad_h, grad_w, grad_b
 
 
@@ -295,11 +393,10 @@ def linear_logprobs(
         )
     from steppo_fast.reference.logprobs import default_chunk_rows
 
-    rows = (
-        chunk_size
-        if chunk_size is not None
-        else default_chunk_rows(*hidden.shape[:1], weight.shape[0])
-    )
+    rows = chunk_size
+    if rows is None:  # the budget holds the backward's [rows, V] buffer of the GEMM dtype
+        itemsize = gemm_dtype(hidden, weight).itemsize
+        rows = default_chunk_rows(hidden.shape[0], weight.shape[0], itemsize)
     logp, _, entropy = linear_logprobs_op(
         hidden, weight, targets, bias, 1.0 / float(temperature), bool(return_entropy), int(rows)
     )

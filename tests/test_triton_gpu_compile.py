@@ -53,11 +53,17 @@ for ratio in (0, 1, 2):
     build(step_loss._policy_fwd_kernel, dict(flags, AGG=ratio), {"logp_ptr": "*bf16"})
     build(step_loss._policy_bwd_kernel, dict(flags, NEED_OLD=True, NEED_REF=True))
 build(step_loss._policy_unit_kernel, dict(HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=14, BLOCK=1024))
-for dot_fp32, dtype in ((True, "*fp32"), (False, "*bf16")):
+for dot_fp32, dtype in ((True, "*fp32"), (False, "*bf16"), (False, "*fp16")):
     pointers = {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "t_ptr": "*i64"}
     blocks = dict(DOT_FP32=dot_fp32, BLOCK_M=16, BLOCK_V=64, BLOCK_H=32, HAS_BIAS=True)
     build(logprobs._lse_fwd_kernel, dict(blocks, WANT_ENTROPY=True), pointers)
-    build(logprobs._logit_grad_kernel, dict(blocks, HAS_ENT_GRAD=True), pointers)
+    grad_flags = dict(blocks, HAS_ENT_GRAD=True, NEED_DB=True, ROUND_BF16=dtype == "*bf16")
+    build(logprobs._logit_grad_kernel, grad_flags, dict(pointers, dz_ptr=dtype))
+    # the backward GEMMs: GPU-sized tiles, operands in the GEMM dtype, fp32 out
+    gemm = dict(DOT_FP32=dot_fp32, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8)
+    for accumulate in (False, True):
+        build(logprobs._matmul_kernel, dict(gemm, ACCUMULATE=accumulate),
+              {"a_ptr": dtype, "b_ptr": dtype})
 print("all kernels compiled")
 """
 

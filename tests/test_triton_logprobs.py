@@ -1,5 +1,6 @@
 """Triton linear_logprobs under the interpreter: forward (online log-sum-exp, entropy) and
-backward (recomputed logit tiles) against the torch reference; fp32 and bf16, bias,
+backward (recomputed logit tiles, logit gradient in the GEMM dtype, Triton GEMMs) against the
+torch reference; fp32 exact, bf16/fp16 within one rounding of the logit gradient; bias,
 temperature, chunking, odd shapes, empty input; registered-op checks."""
 
 import pytest
@@ -35,10 +36,43 @@ def run(impl, hidden, weight, bias, targets, g_logp, g_ent, **kw):
 
 
 def grad_close(got, want):
-    if got.dtype == torch.bfloat16:  # both sides round fp32 sums to bf16: 1 ulp (2^-8 relative)
-        torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2**-7)
-    else:
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    """fp32 gradients (exact fp32 math on both sides, different summation orders)."""
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+# Unit roundoff (max relative error of one round-to-nearest) of the 16-bit GEMM dtypes, and the
+# largest absolute error of rounding into their subnormal range (half the smallest spacing).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+SUBNORMAL_HALF_SPACING = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+
+
+def logit_grad_oracle(hidden, weight, bias, targets, g_logp, g_ent, temperature):
+    """dz / T [M, V] in fp64 from the math (full softmax, small shapes only)."""
+    h, w = hidden.double(), weight.double()
+    z = h @ w.T + (0.0 if bias is None else bias.double())
+    log_p = torch.log_softmax(z / temperature, dim=1)
+    p = log_p.exp()
+    g = g_logp.double()[:, None]
+    coef = g.expand_as(p).clone()
+    if g_ent is not None:
+        entropy = -(p * log_p).sum(1, keepdim=True)
+        coef += g_ent.double()[:, None] * (log_p + entropy)
+    onehot = torch.nn.functional.one_hot(targets, weight.shape[0]).double()
+    return (g * onehot - p * coef) / temperature
+
+
+def assert_within_one_dz_rounding(got, want, bound):
+    """got: the 16-bit gradient of the Triton path; want: the fp32 reference on the same 16-bit
+    values; bound: elementwise error bound of the rounded logit gradient. The Triton fp32
+    gradient g32 satisfies |g32 - want| <= bound + fp32 slack (the fp32 tolerance of
+    ``grad_close``); got = round(g32) adds one unit roundoff of |g32| <= |want| + that."""
+    unit = UNIT_ROUNDOFF.get(got.dtype, 0.0)
+    want = want.double()
+    slack = bound + 2e-5 + 1e-5 * want.abs()
+    allowed = slack + unit * (want.abs() + slack)
+    err = (got.double() - want).abs()
+    worst = (err - allowed).max()
+    assert worst <= 0, f"error exceeds the one-rounding bound by {worst.item():.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -66,7 +100,128 @@ def test_forward_backward_match_reference(dtype, use_bias, temperature, entropy,
     for got, want in zip(grads_t, grads_r):
         if want is not None:
             assert got.dtype == want.dtype == dtype
-            grad_close(got, want)
+            if dtype == torch.float32:  # bf16 gradients: test_low_precision_gradients_...
+                grad_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "use_bias, temperature, entropy, chunk",
+    [(True, 0.7, True, 16), (False, 1.0, False, None), (True, 1.3, False, 5)],
+)
+def test_low_precision_gradients_within_one_rounding_of_dz(
+    dtype, use_bias, temperature, entropy, chunk
+):
+    """bf16/fp16 hidden and weight: the backward rounds dz / T once to the input dtype, then
+    GEMMs with exact products and fp32 sums. Rounding dz_ij (1 + d_ij), |d_ij| <= u, moves
+    d hidden_ik = sum_j dz_ij w_jk / T by at most u sum_j |dz_ij / T| |w_jk| (+ the subnormal
+    absolute error s per term), i.e. bound = (u |dz / T| + s) @ |W|; d weight likewise with
+    |h|; d bias is summed from the unrounded fp32 dz (bound 0). Compared with the fp32
+    reference fed the same 16-bit values."""
+    hidden, weight, bias, targets, g_logp, g_ent = inputs(dtype)
+    bias = bias if use_bias else None
+    kw = dict(temperature=temperature, return_entropy=entropy, chunk_size=chunk)
+    _, grads_t = run("triton", hidden, weight, bias, targets, g_logp, g_ent, **kw)
+    f32 = [None if t is None else t.float() for t in (hidden, weight, bias)]
+    _, grads_r = run("torch", *f32, targets, g_logp, g_ent, **kw)
+    dz = logit_grad_oracle(*f32, targets, g_logp, g_ent if entropy else None, temperature)
+    per_entry = UNIT_ROUNDOFF[dtype] * dz.abs() + SUBNORMAL_HALF_SPACING[dtype]
+    bounds = [per_entry @ f32[1].double().abs(), per_entry.T @ f32[0].double().abs(), 0.0]
+    for got, want, bound in zip(grads_t, grads_r, bounds):
+        if want is not None:
+            assert got.dtype == dtype
+            assert_within_one_dz_rounding(got, want, bound)
+    # the bound is informative: well below the gradients' own size
+    assert bounds[0].max() < 0.02 * grads_r[0].abs().max()
+
+
+def test_low_precision_backward_really_rounds_dz():
+    """The fp32 gradients of the bf16 path differ from the exact fp32 path (same values) by more
+    than fp32 rounding: dz goes through bf16 (so the test above is not vacuous)."""
+    hidden, weight, _, targets, g_logp, _ = inputs(torch.bfloat16)
+    logp, lse, ent = logprobs_ops.lse_forward(hidden, weight, targets, None, 1.0, False)
+    args = (g_logp, None)
+    rest = (targets, None, lse, ent, 1.0, 16, True, True, False)
+    low = logprobs_ops.lse_backward(*args, hidden, weight, *rest)
+    exact = logprobs_ops.lse_backward(*args, hidden.float(), weight.float(), *rest)
+    for got, want in zip(low[:2], exact[:2]):
+        assert not torch.allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logit_gradient_is_rounded_once_to_nearest_even(dtype):
+    """The low-precision dz buffer equals the fp32 dz buffer of the same kernel rounded by
+    torch (round to nearest, ties to even) bit for bit; d bias is the fp32 column sum."""
+    hidden, weight, bias, targets, g_logp, g_ent = inputs(dtype)
+    lse = torch.logsumexp((hidden.float() @ weight.float().T + bias.float()) / 0.7, dim=1)
+    probs = torch.softmax((hidden.float() @ weight.float().T + bias.float()) / 0.7, dim=1)
+    entropy = -(probs * probs.log()).sum(1)
+    buffers, bias_grads = {}, {}
+    for buffer_dtype in (torch.float32, dtype):
+        buffers[buffer_dtype] = torch.empty(ROWS, VOCAB, dtype=buffer_dtype)
+        bias_grads[buffer_dtype] = torch.zeros(VOCAB)
+        logprobs_ops.logit_grad_chunk(
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            g_logp,
+            g_ent,
+            1 / 0.7,
+            buffers[buffer_dtype],
+            bias_grads[buffer_dtype],
+        )
+    assert torch.equal(buffers[dtype], buffers[torch.float32].to(dtype))
+    assert not torch.equal(buffers[dtype].float(), buffers[torch.float32])
+    assert torch.equal(bias_grads[dtype], bias_grads[torch.float32])
+    oracle = logit_grad_oracle(hidden, weight, bias, targets, g_logp, g_ent, 0.7)
+    torch.testing.assert_close(buffers[torch.float32].double(), oracle, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bias_grads[dtype].double(), oracle.sum(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("size_p, size_k, size_q", [(70, 45, 81), (600, 7, 130)])
+def test_gemm_into_matches_fp32_products(dtype, transpose_a, size_p, size_k, size_q):
+    """C (+)= A @ B with fp32 accumulation, strided operands, sizes not multiples of the
+    blocks (600 rows = 10 row tiles: one full launch group of MM_GROUP_P = 8 and a partial
+    one); 16-bit operands: products of the same values in fp32 (exact per product)."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(size_p, size_k, generator=gen).to(dtype)
+    a = a.t().contiguous().t() if transpose_a else a  # column-major view, same values
+    b = torch.randn(size_k, size_q, generator=gen).to(dtype)
+    c0 = torch.randn(size_p, size_q, generator=gen)
+    expected = a.double() @ b.double()
+    out = torch.full((size_p, size_q), float("nan"))
+    logprobs_ops.gemm_into(a, b, out, accumulate=False)  # overwrites (nan never read)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    out = c0.clone()
+    logprobs_ops.gemm_into(a, b, out, accumulate=True)
+    torch.testing.assert_close(out.double(), c0.double() + expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dtypes_keep_fp32_gemms():
+    """bf16 hidden with an fp32 weight: fp32 dz and GEMMs, so only the final cast of d hidden
+    to bf16 rounds (bound 0 for the logit gradient)."""
+    hidden, weight, bias, targets, g_logp, g_ent = inputs(torch.float32)
+    hidden = hidden.to(torch.bfloat16)
+    kw = dict(temperature=0.9, return_entropy=True, chunk_size=16)
+    _, grads_t = run("triton", hidden, weight, bias, targets, g_logp, g_ent, **kw)
+    _, grads_r = run("torch", hidden.float(), weight, bias, targets, g_logp, g_ent, **kw)
+    assert grads_t[0].dtype == torch.bfloat16 and grads_t[1].dtype == torch.float32
+    for got, want in zip(grads_t, grads_r):
+        assert_within_one_dz_rounding(got, want, 0.0)
+
+
+def test_gemm_dtype_follows_inputs():
+    x = {d: torch.zeros(2, 2, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)}
+    assert logprobs_ops.gemm_dtype(x[torch.bfloat16], x[torch.bfloat16]) == torch.bfloat16
+    assert logprobs_ops.gemm_dtype(x[torch.float16], x[torch.float16]) == torch.float16
+    assert logprobs_ops.gemm_dtype(x[torch.float32], x[torch.float32]) == torch.float32
+    assert logprobs_ops.gemm_dtype(x[torch.bfloat16], x[torch.float32]) == torch.float32
+    assert logprobs_ops.gemm_dtype(x[torch.bfloat16], x[torch.float16]) == torch.float32
 
 
 def test_entropy_only_gradient_and_uniform_logits():
