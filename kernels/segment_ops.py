@@ -100,11 +100,13 @@ def segment_mean(x, cu_steps):
     return segment_reduce_op(x, cu_steps, True)
 
 
-def segment_broadcast(y, cu_steps):
-    """Triton backend of :func:`steppo_fast.segment_broadcast`. Reads ``cu_steps[-1]`` on the
-    host for the output length (one sync, like the reference)."""
+def segment_broadcast(y, cu_steps, *, total=None):
+    """Triton backend of :func:`steppo_fast.segment_broadcast`. The output length is ``total``
+    when given, else read from ``cu_steps[-1]`` on the host (one sync, like the reference)."""
     if is_fp64(y):
         from steppo_fast.reference import segment_broadcast as ref
 
-        return ref(y, cu_steps)
-    return segment_expand_op(y, cu_steps, int(cu_steps[-1]), False)
+        return ref(y, cu_steps, total=total)
+    if total is None:
+        total = int(cu_steps[-1])
+    return segment_expand_op(y, cu_steps, total, False)

@@ -185,9 +185,10 @@ def step_policy_loss(
     kl_type="k3",
     normalizer=None,
 ):
-    """Triton backend of :func:`steppo_fast.step_policy_loss` -> (loss, stats dict of floats).
+    """Triton backend of :func:`steppo_fast.step_policy_loss` -> (loss, stats), the stats a
+    dict of detached fp32 0-d tensors (no host sync; the public wrapper converts them).
 
-    fp64 inputs run the torch reference. The stats cost one host sync (as the reference)."""
+    fp64 inputs run the torch reference."""
     tensors = (logp, old_logp, advantages, step_weight, ref_logp)
     if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
         from steppo_fast.reference import step_policy_loss as ref
@@ -237,4 +238,4 @@ def step_policy_loss(
         **dataclasses.asdict(o),
     )
     keys = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-    return loss, dict(zip(keys, stats.tolist()))
+    return loss, dict(zip(keys, stats.detach().unbind()))

@@ -274,9 +274,16 @@ def segment_mean(x, cu_steps):
     return _ops.segment_mean(x.contiguous(), cu_steps)
 
 
-def segment_broadcast(y, cu_steps):
-    """Each segment's value copied to its entries; see :func:`steppo_fast.segment_broadcast`."""
-    return _ops.segment_broadcast(y.contiguous(), cu_steps)
+def segment_broadcast(y, cu_steps, *, total=None):
+    """Each segment's value copied to its entries; see :func:`steppo_fast.segment_broadcast`.
+
+    The C++ op reads its output length from ``cu_steps[-1]``; under ``torch.compile`` its fake
+    kernel gives a data-dependent length, and ``total`` (validated equal to ``cu_steps[-1]`` by
+    the public wrapper in eager) tells the compiler what it is."""
+    out = _ops.segment_broadcast(y.contiguous(), cu_steps)
+    if total is not None:
+        torch._check(out.shape[0] == total)
+    return out
 
 
 def whiten(x, weight=None, eps=1e-8):
@@ -291,21 +298,22 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6):
     return _ops.group_advantages(scores.contiguous(), group.contiguous(), mode, float(eps))
 
 
-def _stats_dict(stats: list[float]) -> dict[str, float]:
-    """The public stats from the kernel's sums (same rules as the reference)."""
-    total_w, clip_n, dual_n, ratio_n, ratio_min, ratio_max, tok_total, kl_n = stats
-    if total_w > 0:
-        clip_frac, dual_frac, ratio_mean = clip_n / total_w, dual_n / total_w, ratio_n / total_w
-    else:
-        clip_frac, dual_frac, ratio_mean, ratio_min, ratio_max = 0.0, 0.0, 1.0, 1.0, 1.0
-    approx_kl = kl_n / tok_total if tok_total > 0 else 0.0
+def _stats_dict(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The public stats from the kernel's fp64 sums [8], as detached fp64 0-d tensors without
+    host sync (same rules as the reference: no counted unit -> fracs 0, ratios 1; no counted
+    token -> approx_kl 0)."""
+    total_w, clip_n, dual_n, ratio_n, ratio_min, ratio_max, tok_total, kl_n = sums.unbind()
+    counted, tok_counted = total_w > 0, tok_total > 0
+    zero, one = torch.zeros_like(total_w), torch.ones_like(total_w)
+    safe_w = torch.where(counted, total_w, one)
+    safe_tok = torch.where(tok_counted, tok_total, one)
     return {
-        "clip_frac": clip_frac,
-        "dual_clip_frac": dual_frac,
-        "approx_kl": approx_kl,
-        "ratio_mean": ratio_mean,
-        "ratio_min": ratio_min,
-        "ratio_max": ratio_max,
+        "clip_frac": torch.where(counted, clip_n / safe_w, zero),
+        "dual_clip_frac": torch.where(counted, dual_n / safe_w, zero),
+        "approx_kl": torch.where(tok_counted, kl_n / safe_tok, zero),
+        "ratio_mean": torch.where(counted, ratio_n / safe_w, one),
+        "ratio_min": torch.where(counted, ratio_min, one),
+        "ratio_max": torch.where(counted, ratio_max, one),
     }
 
 
@@ -359,8 +367,9 @@ def step_policy_loss(
     """Clipped StepPO policy loss and stats; see :func:`steppo_fast.step_policy_loss`.
 
     One C++ pass computes the loss numerator, the stats sums and (when ``logp`` requires grad)
-    d(loss)/d(logp); the backward is one multiply. Only ``logp`` gets a gradient here: when
-    another float input requires grad, this defers to the reference implementation.
+    d(loss)/d(logp); the backward is one multiply. Stats are detached fp64 0-d tensors (no host
+    sync; the public wrapper converts them to floats when asked). Only ``logp`` gets a gradient
+    here: when another float input requires grad, this defers to the reference implementation.
     """
     opts = PolicyLossOptions(
         ratio_level, length_power, clip_low, clip_high, dual_clip, agg, kl_coef, kl_type
@@ -401,7 +410,9 @@ def step_policy_loss(
         *opts.op_args(),
         need_grad,
     )
-    sums = stats.tolist()
-    total_w = sums[0]
-    denominator = normalizer if normalizer is not None else (total_w if total_w > 0 else 1.0)
-    return loss_sum / denominator, _stats_dict(sums)
+    stats = stats.detach()  # fp64 sums [8]; no gradient flows through them
+    if normalizer is not None:
+        return loss_sum / normalizer, _stats_dict(stats)
+    total_w = stats[0]
+    denominator = torch.where(total_w > 0, total_w, torch.ones_like(total_w)).to(loss_sum.dtype)
+    return loss_sum / denominator, _stats_dict(stats)

@@ -85,9 +85,9 @@ def reference_fp64(batch, dtype, **options):
     """The reference on the same input values (after rounding to ``dtype``) in fp64."""
     b = cast(cast(batch, dtype), torch.float64)
     logp = b.pop("logp").detach().clone().requires_grad_()
-    loss, stats = ref.step_policy_loss(logp, **b, **options)
+    loss, stats = ref.step_policy_loss(logp, **b, **options)  # backends return tensor stats
     (grad,) = torch.autograd.grad(loss, logp)
-    return loss.detach(), stats, grad
+    return loss.detach(), {key: float(value) for key, value in stats.items()}, grad
 
 
 def assert_same(got, want, dtype):

@@ -59,6 +59,7 @@ POLICY_CASES = [
     (dict(normalizer=-2.0), "normalizer: must be > 0"),
     (dict(normalizer=True), "normalizer: expected a real number"),
     (dict(impl="cuda"), "impl: 'cuda' is not one of"),
+    (dict(stats="numpy"), "stats: 'numpy' is not one of 'float', 'tensor'"),
 ]
 
 

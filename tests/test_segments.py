@@ -151,3 +151,20 @@ def test_broadcast_errors_and_impl():
         segment_broadcast(torch.ones(3), torch.tensor([0, 1, 4]))
     with pytest.raises(ValueError, match=r"impl: 'numpy' is not one of"):
         segment_sum(torch.ones(2), torch.tensor([0, 2]), impl="numpy")
+
+
+def test_broadcast_total():
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    y = torch.tensor([7.0, 8.0, 9.0])
+    out = segment_broadcast(y, cu, total=5, impl="torch")
+    assert out.tolist() == [7.0, 7.0, 9.0, 9.0, 9.0]
+    empty = segment_broadcast(torch.zeros(0), torch.zeros(1, dtype=torch.int32), total=0)
+    assert empty.shape == (0,)
+    with pytest.raises(ValueError, match=r"cu_steps: offsets must end at the axis length 6"):
+        segment_broadcast(y, cu, total=6)
+    with pytest.raises(ValueError, match=r"total: expected an int or None, got float"):
+        segment_broadcast(y, cu, total=5.0)
+    with pytest.raises(ValueError, match=r"total: expected an int or None, got bool"):
+        segment_broadcast(y, cu, total=True)
+    with pytest.raises(ValueError, match=r"total: must be >= 0"):
+        segment_broadcast(y, cu, total=-1)

@@ -7,35 +7,28 @@ Empty trajectories (two equal offsets) and empty batches (S = 0, B >= 0) are acc
 
 Dtypes: float inputs fp32/bf16/fp16 are computed in fp32 and returned fp32; fp64 inputs are
 computed and returned in fp64. Every violation raises ``ValueError`` naming the argument (and
-the index, for values); nothing is clamped or dropped.
+the index, for values); nothing is clamped or dropped. Under ``torch.compile`` the checks that
+read tensor values (offsets, finiteness) are skipped (policy in :mod:`steppo_fast._validate`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import _dispatch
 from .._validate import (
     FLOAT_DTYPES,
     check_choice,
+    check_finite,
     check_float,
     check_index,
     check_offsets,
     check_tensor,
+    is_finite_number,
 )
+from ._resolve import resolve
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 GIGPO_MODES = ("mean_std_norm", "mean_norm")
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    """Every entry of ``x`` is finite (no NaN or inf); names the first bad index."""
-    bad = (~torch.isfinite(x)).reshape(-1).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        raise ValueError(f"{name}: entry {i} is {float(x.reshape(-1)[i])}; all must be finite")
 
 
 def _check_number(name: str, value, *, low=None, high=None) -> float:
@@ -43,7 +36,7 @@ def _check_number(name: str, value, *, low=None, high=None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name}: must be finite, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name}: must lie in [{low}, {high}], got {value}")
@@ -91,12 +84,12 @@ def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None,
     n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
-        _check_finite("last_values", last_values)
+        check_finite("last_values", last_values)
     gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
     lam = _check_number("lam", lam, low=0.0, high=1.0)
-    _check_finite("rewards", rewards)
-    _check_finite("values", values)
-    backend = _dispatch.resolve(impl, "step_gae", rewards, values, cu_trajs)
+    check_finite("rewards", rewards)
+    check_finite("values", values)
+    backend = resolve(impl, "step_gae", rewards, values, cu_trajs)
     with torch.no_grad():
         advantages, returns = backend.step_gae(
             rewards, values, cu_trajs, gamma=gamma, lam=lam, last_values=last_values
@@ -132,10 +125,10 @@ def discounted_returns(rewards, cu_trajs, *, gamma=1.0, last_values=None, impl="
     n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
-        _check_finite("last_values", last_values)
+        check_finite("last_values", last_values)
     gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
-    _check_finite("rewards", rewards)
-    backend = _dispatch.resolve(impl, "discounted_returns", rewards, cu_trajs)
+    check_finite("rewards", rewards)
+    backend = resolve(impl, "discounted_returns", rewards, cu_trajs)
     return backend.discounted_returns(rewards, cu_trajs, gamma=gamma, last_values=last_values)
 
 
@@ -172,10 +165,10 @@ def whiten(x, weight=None, eps=1e-8, *, impl="auto"):
         if weight.shape != x.shape:
             raise ValueError(f"weight: shape {tuple(weight.shape)} != shape of x {tuple(x.shape)}")
         if weight.dtype != torch.bool:
-            _check_finite("weight", weight)
+            check_finite("weight", weight)
     eps = _check_number("eps", eps, low=0.0)
-    _check_finite("x", x)
-    backend = _dispatch.resolve(impl, "whiten", x, weight)
+    check_finite("x", x)
+    backend = resolve(impl, "whiten", x, weight)
     return backend.whiten(x, weight, eps=eps)
 
 
@@ -220,8 +213,8 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6, impl="auto"):
     check_index("group", group, length=scores.shape[0], device=scores.device)
     check_choice("mode", mode, GROUP_MODES)
     eps = _check_number("eps", eps, low=0.0)
-    _check_finite("scores", scores)
-    backend = _dispatch.resolve(impl, "group_advantages", scores, group)
+    check_finite("scores", scores)
+    backend = resolve(impl, "group_advantages", scores, group)
     return backend.group_advantages(scores, group, mode=mode, eps=eps)
 
 
@@ -280,8 +273,8 @@ def gigpo_advantages(
     gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
     check_choice("mode", mode, GIGPO_MODES)
     eps = _check_number("eps", eps, low=0.0)
-    _check_finite("rewards", rewards)
-    backend = _dispatch.resolve(impl, "gigpo_advantages", rewards, cu_trajs, group, anchor)
+    check_finite("rewards", rewards)
+    backend = resolve(impl, "gigpo_advantages", rewards, cu_trajs, group, anchor)
     return backend.gigpo_advantages(
         rewards, cu_trajs, group, anchor, step_weight=step_weight, gamma=gamma, mode=mode, eps=eps
     )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from .. import _dispatch
-from .._validate import check_float, check_index
+from .._validate import check_float, check_index, check_index_range, is_finite_number
+from ._resolve import resolve
 
 
 def _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_size) -> None:
@@ -28,16 +27,10 @@ def _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_
         check_float("bias", bias, ndim=1, length=vocab, device=device)
         _check_same_family("bias", bias, hidden)
     check_index("targets", targets, length=num_rows, device=device)
-    if num_rows:
-        bad = ((targets < 0) | (targets >= vocab)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(
-                f"targets: targets[{i}] = {int(targets[i])} is outside [0, V) with V = {vocab}"
-            )
+    check_index_range("targets", targets, vocab, rule=f"[0, V) with V = {vocab}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature: expected a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature: must be finite and > 0, got {temperature}")
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
@@ -111,7 +104,7 @@ def linear_logprobs(
         entropy = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
     """
     _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_size)
-    backend = _dispatch.resolve(impl, "linear_logprobs", hidden, weight)
+    backend = resolve(impl, "linear_logprobs", hidden, weight)
     return backend.linear_logprobs(
         hidden,
         weight,

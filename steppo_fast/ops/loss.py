@@ -8,29 +8,38 @@ splits the steps into B trajectories. Offsets are int32 (int64 accepted).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import _dispatch
 from .._validate import (
     check_choice,
     check_float,
     check_nonempty_segments,
     check_offsets,
+    check_weights,
+    is_finite_number,
 )
-from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS
+from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS
 from ..reference.loss import loss_normalizer as _reference_loss_normalizer
+from ._resolve import resolve
+
+STATS_MODES = ("float", "tensor")
 
 
 def _check_number(name: str, value, ok, rule: str) -> float:
-    """A finite real number (Python or 0-d tensor) satisfying ``ok``; returns it as float."""
+    """A finite real number (Python or 0-d tensor) satisfying ``ok``; returns it as float.
+    A tensor is read on the host, which ``torch.compile`` cannot trace: there it must be a
+    Python number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                f"{name}: pass a Python number under torch.compile (a tensor would be read on "
+                "the host, a graph break)"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or not ok(value):
+    if not is_finite_number(value) or not ok(value):
         raise ValueError(f"{name}: must be {rule}, got {value!r}")
     return value
 
@@ -38,10 +47,7 @@ def _check_number(name: str, value, ok, rule: str) -> float:
 def _check_weights(name: str, w, length: int, device) -> None:
     """[length] float weights, every entry finite and >= 0 (names the first bad index)."""
     check_float(name, w, ndim=1, length=length, device=device)
-    bad = (~(torch.isfinite(w) & (w >= 0))).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        raise ValueError(f"{name}: {name}[{i}] = {float(w[i])} must be finite and >= 0")
+    check_weights(name, w)
 
 
 def _check_normalizer(normalizer) -> float | None:
@@ -76,7 +82,7 @@ def kl_penalty(
     check_float("logp", logp, ndim=1)
     check_float("ref_logp", ref_logp, ndim=1, length=logp.shape[0], device=logp.device)
     check_choice("kind", kind, KL_KINDS)
-    backend = _dispatch.resolve(impl, "kl_penalty", logp, ref_logp)
+    backend = resolve(impl, "kl_penalty", logp, ref_logp)
     return backend.kl_penalty(logp, ref_logp, kind=kind)
 
 
@@ -124,7 +130,7 @@ def value_loss(
     if weight is not None:
         _check_weights("weight", weight, length, device)
     normalizer = _check_normalizer(normalizer)
-    backend = _dispatch.resolve(impl, "value_loss", values, old_values, returns, weight)
+    backend = resolve(impl, "value_loss", values, old_values, returns, weight)
     return backend.value_loss(
         values, old_values, returns, clip=clip, weight=weight, normalizer=normalizer
     )
@@ -163,8 +169,9 @@ def step_policy_loss(
     kl_coef: float = 0.0,
     kl_type: str = "k3",
     normalizer: float | None = None,
+    stats: str = "float",
     impl: str = "auto",
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, float]] | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """StepPO clipped policy loss (DESIGN §1, §3 "Aggregation, exactly") and batch stats.
 
     Ratios (x_i = logp_i - old_logp_i; p = ``length_power``):
@@ -193,13 +200,19 @@ def step_policy_loss(
     to the full-batch loss and gradients. D = 0 (empty batch, all-zero weights) -> loss 0, still
     connected to ``logp`` (zero gradients, never NaN). Steps with sw = 0 never reach the loss.
 
-    Stats (Python floats, over counted units w_u > 0, weighted by w_u, normalised by D):
+    Stats (over counted units w_u > 0, weighted by w_u, normalised by D):
     ``clip_frac`` = weighted fraction of units on the clipped PPO branch (A>0 and rho >
     1+clip_high, or A<0 and rho < 1-clip_low); ``dual_clip_frac`` = weighted fraction on the
     dual-clip branch (A<0, rho > dual_clip; 0 without dual clip); ``ratio_mean`` = weighted mean
     of rho; ``ratio_min``/``ratio_max`` = min/max of rho; ``approx_kl`` = sum_t w'_t
     (old_logp_t - logp_t) / sum_t w'_t (k1 estimate of KL(old || new) over token units). No
     counted unit: fracs and approx_kl 0.0, ratio_mean/min/max 1.0 (the on-policy ratio).
+    ``stats="float"`` (default) returns them as Python floats, read with one host sync;
+    ``stats="tensor"`` returns detached 0-d tensors (the loss's dtype and device) without any
+    sync, e.g. to log them asynchronously or to trace the call with ``torch.compile``. Under
+    ``torch.compile(fullgraph=True)``, ``stats="float"`` is an error asking for
+    ``stats="tensor"`` (a host read cannot be traced); without ``fullgraph`` Dynamo breaks the
+    graph at that error and runs the call eagerly, where it works.
 
     Args:
         logp: [A] fp32/bf16/fp16/fp64 current log-probs (differentiable).
@@ -210,7 +223,8 @@ def step_policy_loss(
         length_power: >= 0. clip_low: in [0, 1). clip_high: >= 0. dual_clip: None or > 1.
         step_weight: None or [S] float, finite and >= 0.
         ref_logp: [A], required when kl_coef != 0. kl_type: "k1", "k2", "k3".
-        normalizer: None or a number > 0.
+        normalizer: None or a number > 0 (a Python number under ``torch.compile``).
+        stats: "float" (Python floats, one host sync) or "tensor" (0-d tensors, no sync).
 
     Returns:
         (loss, stats): 0-d fp32 loss (fp64 when an input is fp64) and the dict above.
@@ -231,6 +245,12 @@ def step_policy_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     check_choice("agg", agg, AGGS)
     check_choice("kl_type", kl_type, KL_KINDS)
+    check_choice("stats", stats, STATS_MODES)
+    if stats == "float" and torch.compiler.is_compiling():
+        raise ValueError(
+            "stats: 'float' reads the stats on the host, which torch.compile cannot trace; "
+            "pass stats='tensor' (detached 0-d tensors) and read them outside the compiled code"
+        )
     needs_trajs = ratio_level == "trajectory" or agg == "traj-mean"
     why = "ratio_level='trajectory'" if ratio_level == "trajectory" else "agg='traj-mean'"
     _validate_layout(cu_steps, cu_trajs, num_tokens, num_steps, device, needs_trajs, why)
@@ -249,8 +269,8 @@ def step_policy_loss(
     normalizer = _check_normalizer(normalizer)
 
     tensors = (logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp)
-    backend = _dispatch.resolve(impl, "step_policy_loss", *tensors)
-    return backend.step_policy_loss(
+    backend = resolve(impl, "step_policy_loss", *tensors)
+    loss, stat_tensors = backend.step_policy_loss(
         logp,
         old_logp,
         advantages,
@@ -268,6 +288,11 @@ def step_policy_loss(
         kl_type=kl_type,
         normalizer=normalizer,
     )
+    # backends return 0-d tensors (no sync); stack them so "float" costs one host transfer
+    packed = torch.stack([stat_tensors[key].detach() for key in STAT_KEYS])
+    if stats == "float":
+        return loss, dict(zip(STAT_KEYS, packed.tolist()))
+    return loss, dict(zip(STAT_KEYS, packed.to(loss.dtype).unbind()))
 
 
 def loss_normalizer(

@@ -92,6 +92,7 @@ def unit_weights(
     *,
     agg: str,
     token_units: bool,
+    num_tokens: int | None = None,
 ) -> torch.Tensor:
     """Aggregation weight w_u of every loss unit (DESIGN "Aggregation, exactly").
 
@@ -102,6 +103,7 @@ def unit_weights(
     - traj-mean:  1 / c_b, c_b = number of units of trajectory b whose step has sw > 0 (every
       trajectory sums to 1, shared equally by its counted units; needs ``cu_trajs``);
     then multiplied by sw_s of the unit's step. Units of zero-weight steps get weight 0.
+    ``num_tokens`` (= ``cu_steps[-1]``) avoids a host read of the offsets for token units.
     """
     num_steps = step_weight.shape[0]
     lengths = segment_lengths(cu_steps).to(step_weight.dtype)
@@ -122,7 +124,7 @@ def unit_weights(
         raise ValueError(f"agg: {agg!r} is not one of {', '.join(map(repr, AGGS))}")
     per_step = base * step_weight
     if token_units:
-        return per_step[segment_ids(cu_steps, int(cu_steps[-1]))]
+        return per_step[segment_ids(cu_steps, num_tokens)]
     return per_step
 
 
@@ -184,13 +186,16 @@ def step_policy_loss(
     kl_coef: float = 0.0,
     kl_type: str = "k3",
     normalizer: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped step-level policy loss and its stats (see ``steppo_fast.step_policy_loss``).
 
     loss = (sum_u w_u L_u + kl_coef * sum_t w'_t k_t) / D with units u (tokens for "token",
     steps otherwise), w from :func:`unit_weights`, token-unit weights w' for the KL term,
     D = sum_u w_u (or ``normalizer``). The trajectory ratio averages over the tokens of the
     trajectory's steps with step_weight > 0 (padding steps never reach the loss).
+
+    Stats are detached 0-d tensors of the compute dtype (no host sync; the public wrapper turns
+    them into Python floats when asked), keyed by ``STAT_KEYS``.
     """
     dtype = compute_dtype(logp, old_logp, advantages, step_weight, ref_logp)
     num_tokens, num_steps = logp.shape[0], advantages.shape[0]
@@ -212,7 +217,7 @@ def step_policy_loss(
         log_ratio, tok_step, tok_valid, cu_trajs, num_steps, ratio_level, length_power
     )
     unit_adv = adv[tok_step] if token_units else adv
-    tok_w = unit_weights(cu_steps, cu_trajs, sw, agg=agg, token_units=True)
+    tok_w = unit_weights(cu_steps, cu_trajs, sw, agg=agg, token_units=True, num_tokens=num_tokens)
     unit_w = (
         tok_w if token_units else unit_weights(cu_steps, cu_trajs, sw, agg=agg, token_units=False)
     )
@@ -244,28 +249,25 @@ def step_policy_loss(
 
 
 @torch.no_grad()
-def _policy_stats(unit_w, rho, clipped, dual, tok_w, log_ratio, total_w) -> dict[str, float]:
-    """Weighted batch stats as Python floats, with one host sync (see the public docstring)."""
-    inf = torch.full_like(rho, float("inf"))
+def _policy_stats(unit_w, rho, clipped, dual, tok_w, log_ratio, total_w) -> dict[str, torch.Tensor]:
+    """Weighted batch stats as detached 0-d tensors, without host sync (see the public
+    docstring). No counted unit: fracs 0, ratio mean/min/max 1; no counted token: approx_kl 0."""
     counted = unit_w > 0
-    packed = torch.stack(
-        [
-            total_w,
-            (unit_w * clipped).sum(),
-            (unit_w * dual).sum(),
-            (unit_w * rho).sum(),
-            torch.where(counted, rho, inf).min() if rho.numel() else total_w * 0 + float("inf"),
-            torch.where(counted, -rho, inf).min() if rho.numel() else total_w * 0 + float("inf"),
-            tok_w.sum(),
-            (tok_w * -log_ratio).sum(),
-        ]
-    ).tolist()
-    w, clip_n, dual_n, ratio_n, ratio_min, neg_ratio_max, tok_total, kl_n = packed
-    if w > 0:
-        clip_frac, dual_frac, ratio_mean = clip_n / w, dual_n / w, ratio_n / w
-        ratio_max = -neg_ratio_max
-    else:
-        clip_frac, dual_frac, ratio_mean, ratio_min, ratio_max = 0.0, 0.0, 1.0, 1.0, 1.0
-    approx_kl = kl_n / tok_total if tok_total > 0 else 0.0
-    values = (clip_frac, dual_frac, approx_kl, ratio_mean, ratio_min, ratio_max)
+    any_counted = total_w > 0
+    safe_w = torch.where(any_counted, total_w, torch.ones_like(total_w))
+    tok_total = tok_w.sum()
+    safe_tok = torch.where(tok_total > 0, tok_total, torch.ones_like(tok_total))
+    # a +inf / -inf sentinel keeps min / max defined on an empty batch (no data-dependent branch)
+    inf = rho.new_full((1,), float("inf"))
+    ratio_min = torch.cat([torch.where(counted, rho, inf), inf]).amin()
+    ratio_max = torch.cat([torch.where(counted, rho, -inf), -inf]).amax()
+    zero, one = torch.zeros_like(total_w), torch.ones_like(total_w)
+    values = (
+        torch.where(any_counted, (unit_w * clipped).sum() / safe_w, zero),
+        torch.where(any_counted, (unit_w * dual).sum() / safe_w, zero),
+        torch.where(tok_total > 0, (tok_w * -log_ratio).sum() / safe_tok, zero),
+        torch.where(any_counted, (unit_w * rho).sum() / safe_w, one),
+        torch.where(any_counted, ratio_min, one),
+        torch.where(any_counted, ratio_max, one),
+    )
     return dict(zip(STAT_KEYS, values))

@@ -61,12 +61,17 @@ def segment_mean(x: torch.Tensor, cu_steps: torch.Tensor) -> torch.Tensor:
     return sums / counts
 
 
-def segment_broadcast(y: torch.Tensor, cu_steps: torch.Tensor) -> torch.Tensor:
+def segment_broadcast(
+    y: torch.Tensor, cu_steps: torch.Tensor, *, total: int | None = None
+) -> torch.Tensor:
     """Copy each segment's value to its entries: ``out[i] = y[s]`` for ``cu[s] <= i < cu[s+1]``.
 
-    y [S] float, cu_steps [S+1] int -> [A] (fp32, or fp64 for fp64 y). The gradient w.r.t. y
-    is the segment sum of the output gradient.
+    y [S] float, cu_steps [S+1] int -> [A] (fp32, or fp64 for fp64 y), ``A = total`` when given
+    (it must equal ``cu_steps[-1]``; passing it avoids a host read of the offsets and lets
+    ``torch.compile`` trace the op), else read from ``cu_steps[-1]``. The gradient w.r.t. y is
+    the segment sum of the output gradient.
     """
     dtype = compute_dtype(y)
-    total = int(cu_steps[-1])
+    if total is None:
+        total = int(cu_steps[-1])
     return y.to(dtype)[segment_ids(cu_steps, total)]
