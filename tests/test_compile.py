@@ -229,12 +229,7 @@ def _run(fn, diff: dict, others: dict, compiled: bool):
 # times, the longest read from the offsets' values (reference/advantages.py::_segment_layout);
 # the reference logprobs calls torch.backends.mkldnn.is_available() inside its autograd.Function,
 # which Dynamo refuses to trace (reference/logprobs.py).
-NOT_TRACEABLE = {
-    (
-        "linear_logprobs",
-        "torch",
-    ): "mkldnn.is_available() in reference/logprobs.py autograd.Function",
-}
+NOT_TRACEABLE: dict[tuple[str, str], str] = {}
 
 
 def _params():
