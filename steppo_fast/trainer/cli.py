@@ -1,0 +1,134 @@
+"""The ``steppo`` command (also ``python -m steppo_fast.trainer``).
+
+::
+
+    steppo train [--algo steppo] [--env doors] [--model tiny|PATH] [--iters N] [--seed S]
+                 [--out DIR] [--resume] [--config FILE.yaml] [--<any TrainConfig field> ...]
+    steppo eval RUN_DIR [--episodes N] [--sample]
+    steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 3] [--env quest] [--iters N]
+                   [--out DIR] [--<any TrainConfig field> ...]
+
+Errors a user can cause (a bad flag or value, a missing model path or run directory, an
+environment that raises) print one line ``steppo: error: ...`` and exit with status 2 (argparse
+usage errors) or 1, never a traceback; ``STEPPO_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ALGOS, TrainConfig, add_arguments, config_from_args
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"steppo: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="steppo", description="StepPO reference trainer on built-in text environments"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a policy (default: StepPO on doors, tiny model)")
+    train.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig fields")
+    add_arguments(train)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out seeds")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--episodes", type=int, default=200, help="held-out episodes (default: 200)")
+    ev.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ev.add_argument("--show", type=int, default=1, help="print this many episode transcripts")
+
+    cmp_ = sub.add_parser("compare", help="run several algorithms on identical seeds and budgets")
+    cmp_.add_argument("--algos", default="steppo,ppo,grpo,gigpo", help="comma-separated algorithms")
+    cmp_.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
+    cmp_.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig fields")
+    add_arguments(cmp_, skip=("algo", "out", "resume", "seed"))
+    cmp_.add_argument("--out", default="", help="directory (default: runs/compare-<env>)")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    cfg = config_from_args(args)
+    if cfg.resume:
+        cfg = _resume_config(args, cfg)
+    from .distributed import DistributedTrainer, init_from_env
+    from .loop import Trainer
+
+    comm = init_from_env()  # a torchrun launch (WORLD_SIZE > 1): data-parallel ranks
+    trainer = Trainer(cfg) if comm is None else DistributedTrainer(cfg, comm)
+    say = print if trainer.is_main else (lambda *a, **k: None)
+    ranks = "" if comm is None else f" on {comm.world} ranks"
+    say(
+        f"steppo train: {trainer.cfg.algo} on {trainer.cfg.env}, model {trainer.cfg.model}, "
+        f"{trainer.cfg.iters} iterations{ranks} -> {trainer.out}"
+    )
+    trainer.train()
+    if comm is not None:
+        comm.close()
+    last = trainer.rows[-1] if trainer.rows else {}
+    say(
+        f"done: {trainer.out}/metrics.jsonl, curves.png, checkpoint.pt, model/ "
+        f"(held-out success {last.get('eval_success_rate', float('nan')):.2f})"
+    )
+    return 0
+
+
+def _resume_config(args, cfg: TrainConfig) -> TrainConfig:
+    """On --resume, the run's saved config.yaml is the base; flags given now override it."""
+    run_dir = cfg.out or TrainConfig(**{**cfg.to_dict(), "out": ""}).resolved().out
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        raise ValueError(f"--resume: no run at {run_dir} (missing config.yaml)")
+    base = TrainConfig.from_yaml(saved)
+    given = {k: v for k, v in vars(args).items() if k in cfg.to_dict()}
+    return TrainConfig.from_dict({**given, "resume": True, "out": run_dir}, base)
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, episodes=args.episodes, greedy=not args.sample, show=args.show)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad or not algos:
+        raise ValueError(f"--algos: {','.join(bad) or '(empty)'} not in {', '.join(ALGOS)}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
+    base = config_from_args(args)
+    if "env" not in vars(args) and not getattr(args, "config", None):
+        base.env = "quest"
+    run_compare(base, algos, args.seeds, args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``steppo`` console script. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("steppo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for users; STEPPO_DEBUG=1 for the traceback
+        if os.environ.get("STEPPO_DEBUG") == "1":
+            raise
+        kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        print(f"steppo: error: {kind}{e}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""``steppo compare``: several algorithms x seeds on identical tasks and budgets.
+
+Every run gets the same config except ``algo`` and ``seed`` (so the same iterations, episodes
+per iteration, model size and evaluation seeds); each seed's training tasks are the same for
+every algorithm. Runs go one after another (``<out>/<algo>-s<seed>/``); a finished run is
+reused and an interrupted one resumed, so re-running the command continues where it stopped.
+Writes ``<out>/results.md`` (a markdown table, mean +- std over seeds) and ``<out>/curves.png``
+(held-out success rate against iterations and wall time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+import platform
+
+import torch
+
+from .config import TrainConfig
+from .loop import CHECKPOINT, Trainer
+from .plot import plot_compare
+from .runfiles import atomic_write_text, read_metrics
+
+
+def _finished_iteration(run_dir: str) -> int:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        return -1
+    return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
+
+
+def run_compare(base: TrainConfig, algos: list[str], seeds: int, out: str = "") -> str:
+    """Run (or reuse) every (algo, seed); write results.md and curves.png; return the table."""
+    out = out or os.path.join("runs", f"compare-{base.env}")
+    os.makedirs(out, exist_ok=True)
+    curves: dict[str, list[list[dict]]] = {}
+    for algo in algos:
+        for seed in range(seeds):
+            run_dir = os.path.join(out, f"{algo}-s{seed}")
+            done = _finished_iteration(run_dir)
+            stale = os.path.join(run_dir, "metrics.jsonl")
+            if done < 0 and os.path.isfile(stale):  # crashed before its first checkpoint
+                os.unlink(stale)
+            cfg = dataclasses.replace(base, algo=algo, seed=seed, out=run_dir, resume=done >= 0)
+            if done < cfg.iters:
+                print(f"compare: {algo} seed {seed} -> {run_dir}")
+                Trainer(cfg).train()
+            curves.setdefault(algo, []).append(read_metrics(os.path.join(run_dir, "metrics.jsonl")))
+    table = results_table(base, curves)
+    atomic_write_text(os.path.join(out, "results.md"), table)
+    plot_compare(
+        curves,
+        os.path.join(out, "curves.png"),
+        "eval_success_rate",
+        f"{base.env}: held-out success, mean +- std over {seeds} seeds",
+    )
+    print(table)
+    return table
+
+
+def _mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{m:.3f} +- {s:.3f}"
+
+
+def _final(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return vals[-1] if vals else None
+
+
+def results_table(base: TrainConfig, curves: dict[str, list[list[dict]]]) -> str:
+    """Markdown: per algorithm, final held-out success / return / episode length, last training
+    success, wall time and tokens per iteration (mean +- std over seeds)."""
+    seeds = max((len(v) for v in curves.values()), default=0)
+    lines = [
+        f"# steppo compare: {base.env}, {seeds} seeds",
+        "",
+        f"Budget per run: {base.iters} iterations x {base.groups * base.group_size} episodes "
+        f"({base.groups} tasks x {base.group_size}), tiny {base.arch} model "
+        f"(hidden {base.hidden_size}, {base.num_layers} layers), {base.epochs} epochs x "
+        f"{base.minibatches} mini-batches, lr {base.lr}. Held-out evaluation: "
+        f"{base.eval_episodes} fixed unseen seeds, {'greedy' if base.eval_greedy else 'sampled'}.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads {base.threads}, load average at write {os.getloadavg()[0]:.1f}; "
+        f"written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}.",
+        "",
+        "| algo | held-out success | held-out return | held-out episode len | train success "
+        "(last iter) | wall s | tokens / iter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for algo, runs in curves.items():
+        lines.append(
+            f"| {algo} | {_mean_std([_final(r, 'eval_success_rate') for r in runs])} "
+            f"| {_mean_std([_final(r, 'eval_mean_return') for r in runs])} "
+            f"| {_mean_std([_final(r, 'eval_episode_len') for r in runs])} "
+            f"| {_mean_std([_final(r, 'success_rate') for r in runs])} "
+            f"| {_mean_std([_final(r, 'wall_s') for r in runs])} "
+            f"| {_mean_std([_avg(r, 'tokens') for r in runs])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _avg(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None

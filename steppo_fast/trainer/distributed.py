@@ -1,0 +1,282 @@
+"""Data-parallel training under ``torchrun`` (gloo on CPU): rollouts split across ranks, global
+normalisers, one update on W ranks == the same update on 1 rank (within fp32 rounding).
+
+::
+
+    torchrun --nproc-per-node 2 -m steppo_fast.trainer train --groups 16 ...
+
+How the W-rank update equals the 1-rank update:
+
+- *rollouts*: rank ``r`` plays the task groups ``g`` with ``g % W == r`` (a whole GRPO group
+  stays on one rank, so group baselines and GiGPO anchor groups are exact locally). Its
+  trajectories have the global ids ``g * group_size + k`` they have in the 1-rank batch.
+- *advantages*: ``steppo`` / ``ppo`` whiten with global statistics (:func:`global_whiten`:
+  all-reduced count, sum, then sum of squared deviations; unbiased std, as ``whiten``).
+- *mini-batches*: every rank draws the same permutation of the *global* trajectory ids (same
+  shuffle generator) and keeps its own trajectories of each chunk.
+- *normalisers*: the loss normaliser (sum of ``loss_normalizer`` over the micro-batches) and the
+  value-loss count are all-reduced before the loss, so each rank's loss is its share of the
+  global mean; :meth:`Comm.all_reduce_grads` then *sums* the gradients, which gives exactly the
+  gradient of the global mini-batch loss; clipping and AdamW see identical gradients on every
+  rank, so the parameters stay replicated.
+
+Sharding: parameters are replicated and gradients all-reduced once per optimizer step
+(DDP-equivalent). ``torch.distributed.fsdp.fully_shard`` does run on CPU/gloo in torch 2.13
+(checked), but FSDP issues collectives inside every forward/backward, so every rank must run the
+same number of forwards; here that number depends on the local data (KV-cached rollout steps,
+padded buckets, token-budget micro-batches), so sharding would need lock-step padding of all of
+them. That is not implemented: this module is data parallelism without parameter sharding.
+
+Checkpoints: the parameters are replicated, so rank 0 writes the single-process format
+(plus every rank's sampling-generator state); a checkpoint resumes under any number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import StepBatch, step_gae
+from .algorithms import Targets, compute_targets, token_rewards
+from .config import TrainConfig
+from .loop import CHECKPOINT, Trainer, _k3, episode_stats, train_seed
+from .update import forward, ppo_update, reference_logprobs
+
+
+@dataclass(frozen=True)
+class Comm:
+    """The process group of a run: this process's ``rank`` among ``world`` ranks."""
+
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a list of numbers (in float64)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace every ``p.grad`` by the sum over ranks (one flat fp32 all-reduce). A parameter
+        that no rank gave a gradient keeps ``grad = None`` (as in a 1-rank step, so AdamW skips
+        it); one that some rank did not touch counts as zeros there."""
+        if not params:
+            return
+        sizes = [p.numel() for p in params]
+        flat = torch.zeros(sum(sizes) + len(params), dtype=torch.float32)
+        grads, flags = flat[: sum(sizes)].split(sizes), flat[sum(sizes) :]
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                grads[i].copy_(p.grad.reshape(-1))
+                flags[i] = 1.0
+        dist.all_reduce(flat)
+        for i, p in enumerate(params):
+            if flags[i] > 0:
+                p.grad = grads[i].view_as(p).to(p.dtype).clone()
+            else:
+                p.grad = None
+
+    def broadcast_params(self, module: torch.nn.Module) -> None:
+        """Make every rank hold rank 0's parameters and buffers."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (end of a run)."""
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def init_from_env(backend: str | None = None) -> Comm | None:
+    """The :class:`Comm` of a ``torchrun`` launch (``WORLD_SIZE`` > 1), else ``None``.
+
+    ``backend`` defaults to ``"gloo"``: the trainer keeps its models on the CPU (NCCL needs the
+    models and the all-reduced tensors on CUDA, which this trainer does not do)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group(backend or "gloo")
+    return Comm(dist.get_rank(), dist.get_world_size())
+
+
+def rank_groups(groups: int, comm: Comm) -> list[int]:
+    """The task groups rank ``comm.rank`` plays: ``g % world == rank``."""
+    return [g for g in range(groups) if g % comm.world == comm.rank]
+
+
+def global_traj_ids(my_groups: list[int], group_size: int) -> torch.Tensor:
+    """Ids in the 1-rank batch (``g * group_size + k``) of a rank's trajectories, in order."""
+    return torch.tensor([g * group_size + k for g in my_groups for k in range(group_size)])
+
+
+def global_whiten(x: torch.Tensor, comm: Comm, eps: float = 1e-8) -> torch.Tensor:
+    """``whiten(x)`` over the union of every rank's ``x`` (1-D): mean and unbiased std of all
+    entries of the global batch (two all-reduces in float64), same degenerate cases as
+    ``whiten`` (fewer than 2 entries: scale 1). [n] -> [n] fp32."""
+    xd = x.detach().double()
+    count, total = comm.all_reduce_sum([xd.numel(), float(xd.sum())])
+    mean = total / max(count, 1.0)
+    (sq,) = comm.all_reduce_sum([float((xd - mean).square().sum())])
+    scale = (sq / max(count - 1.0, 1.0)) ** 0.5 + eps if count >= 2 else 1.0
+    return ((x.double() - mean) / scale).float()
+
+
+def compute_targets_global(cfg: TrainConfig, batch, values, comm: Comm | None) -> Targets:
+    """:func:`compute_targets` with advantages whitened over the global batch (critic
+    algorithms). Group-based algorithms are exact locally (a group lives on one rank)."""
+    if comm is None or cfg.algo not in ("steppo", "ppo"):
+        return compute_targets(cfg, batch, values)
+    if cfg.algo == "steppo":
+        rewards, offsets = batch.rewards, batch.cu_trajs
+    else:
+        rewards, offsets = token_rewards(batch), batch.token_traj_offsets
+    adv, ret = step_gae(rewards, values, offsets, gamma=cfg.gamma, lam=cfg.lam, impl=cfg.impl)
+    return Targets(global_whiten(adv, comm), ret, values, token_units=cfg.algo == "ppo")
+
+
+class DistributedTrainer(Trainer):
+    """:class:`Trainer` on one rank of a data-parallel run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, comm: Comm):
+        super().__init__(cfg)
+        if self.cfg.groups < comm.world:
+            raise ValueError(f"--groups: {self.cfg.groups} < {comm.world} ranks")
+        self.comm = comm
+        self.is_main = comm.is_main
+        for module in (self.models.policy, self.models.critic, self.models.reference):
+            if module is not None:
+                comm.broadcast_params(module)
+        self.sample_gen.manual_seed(self.cfg.seed + 1_000_003 * comm.rank)
+
+    # ------------------------------------------------------------------ run directory
+    def prepare_run_dir(self) -> None:
+        if self.is_main:
+            super().prepare_run_dir()
+        self.comm.barrier()
+        if not self.is_main and self.cfg.resume:
+            self.load_checkpoint(self.path(CHECKPOINT))
+
+    def save_checkpoint(self) -> None:
+        states = [None] * self.comm.world
+        dist.all_gather_object(states, self.sample_gen.get_state())
+        if self.is_main:
+            state = self.state()
+            state["sample_gen_ranks"] = states
+            from .runfiles import atomic_torch_save
+
+            atomic_torch_save(state, self.path(CHECKPOINT))
+        self.comm.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        super().load_checkpoint(path)
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("sample_gen_ranks")
+        if saved and self.comm.rank < len(saved):
+            self.sample_gen.set_state(saved[self.comm.rank])
+        else:  # more ranks than when saved: a fresh stream per (iteration, rank)
+            self.sample_gen.manual_seed(self.cfg.seed + 1_000_003 * self.comm.rank + self.iteration)
+
+    def export_model(self) -> None:
+        if self.is_main:
+            super().export_model()
+        self.comm.barrier()
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> dict:
+        cfg, models, comm, it = self.cfg, self.models, self.comm, self.iteration
+        t0 = time.perf_counter()
+        mine = rank_groups(cfg.groups, comm)
+        seeds = [
+            train_seed(cfg.seed, it, g, cfg.groups) for g in mine for _ in range(cfg.group_size)
+        ]
+        groups = [g for g in mine for _ in range(cfg.group_size)]
+        res = self.collect(
+            seeds, groups, greedy=False, generator=self.sample_gen, desc=f"rollout {it + 1}"
+        )
+        t1 = time.perf_counter()
+        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout)
+        value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
+        with torch.no_grad():
+            out = forward(models, batch, res.masks, cfg.temperature, value_units)
+            ref_logp = None
+            if models.reference is not None:
+                ref_logp = reference_logprobs(
+                    models.reference,
+                    batch,
+                    res.masks,
+                    cfg.temperature,
+                    models.forward_mode,
+                    cfg.impl,
+                )
+        targets = compute_targets_global(cfg, batch, out.values, comm)
+        n_steps = cfg.epochs * max(1, min(cfg.minibatches, cfg.groups * cfg.group_size))
+        with self._bar(n_steps, f"update {it + 1}", unit="step") as bar:
+            stats = ppo_update(
+                cfg,
+                models,
+                self.optimizer,
+                batch,
+                res.masks,
+                targets,
+                out.logp,
+                ref_logp,
+                self.shuffle_gen,
+                on_step=bar.update,
+                comm=comm,
+                traj_ids=global_traj_ids(mine, cfg.group_size),
+            )
+        t2 = time.perf_counter()
+        self.iteration += 1
+        n = len(res.trajectories)
+        local = episode_stats(res.trajectories)
+        ref_kl = 0.0 if ref_logp is None else float(_k3(out.logp, ref_logp)) * batch.num_actions
+        diff = float((batch.rollout_logp - out.logp).abs().max()) if batch.num_actions else 0.0
+        sums = comm.all_reduce_sum(
+            [
+                n,
+                *(local[k] * n for k in local),
+                batch.num_tokens,
+                batch.num_actions,
+                batch.num_seqs,
+                ref_kl,
+            ]
+        )
+        (max_diff,) = _all_reduce_max([diff])
+        total = max(sums[0], 1.0)
+        row = {"iter": self.iteration, **{k: sums[1 + i] / total for i, k in enumerate(local)}}
+        row.update(
+            tokens=int(sums[4]),
+            action_tokens=int(sums[5]),
+            sequences=int(sums[6]),
+            wall_s=round(self.wall_s(), 3),
+            iter_s=round(t2 - t0, 3),
+            rollout_s=round(t1 - t0, 3),
+            update_s=round(t2 - t1, 3),
+            policy_loss=stats.get("policy_loss", 0.0),
+            value_loss=stats.get("value_loss"),
+            clip_frac=stats.get("clip_frac", 0.0),
+            kl=stats.get("approx_kl", 0.0),
+            entropy=stats.get("entropy", 0.0),
+            grad_norm=stats.get("grad_norm"),
+            ref_kl=None if ref_logp is None else sums[7] / max(sums[5], 1.0),
+            logp_diff=max_diff,
+            ranks=comm.world,
+        )
+        return row
+
+
+def _all_reduce_max(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

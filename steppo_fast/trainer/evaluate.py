@@ -1,0 +1,58 @@
+"""``steppo eval RUN_DIR``: reload a run's checkpoint and play held-out seeds."""
+
+from __future__ import annotations
+
+import os
+
+from .config import TrainConfig
+from .loop import CHECKPOINT, EVAL_SEED_BASE, Trainer
+
+
+def load_run(run_dir: str, **overrides) -> Trainer:
+    """A Trainer rebuilt from ``run_dir/config.yaml`` with the checkpoint's weights."""
+    cfg_path, ckpt = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, CHECKPOINT)
+    for path in (cfg_path, ckpt):
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"RUN_DIR: {run_dir!r} has no {os.path.basename(path)} (not a finished run?)"
+            )
+    cfg = TrainConfig.from_yaml(cfg_path)
+    cfg = TrainConfig.from_dict({**overrides, "out": run_dir, "resume": True}, cfg)
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(ckpt)
+    return trainer
+
+
+def evaluate_run(run_dir: str, *, episodes: int = 200, greedy: bool = True, show: int = 1) -> dict:
+    """Print and return held-out success rate, mean return and episode length."""
+    trainer = load_run(run_dir, progress=False)
+    cfg = trainer.cfg
+    seeds = [EVAL_SEED_BASE + k for k in range(episodes)]
+    import torch
+
+    res = trainer.collect(
+        seeds,
+        list(range(episodes)),
+        greedy=greedy,
+        generator=torch.Generator().manual_seed(12345),
+        desc="eval",
+    )
+    from .loop import episode_stats
+
+    stats = episode_stats(res.trajectories)
+    mode = "greedy" if greedy else f"sampled (T={cfg.temperature})"
+    print(
+        f"{run_dir}: {cfg.algo} on {cfg.env}, iteration {trainer.iteration}, {episodes} held-out "
+        f"episodes, {mode}: success {stats['success_rate']:.3f}, mean return "
+        f"{stats['mean_return']:.3f}, episode length {stats['episode_len']:.2f}"
+    )
+    tok = trainer.tokenizer
+    for traj in res.trajectories[:show]:
+        last = traj["steps"][-1]
+        print(f"--- seed {traj['seed']} (success={traj['success']}):")
+        print(
+            tok.decode(last["prompt_ids"] + last["action_ids"])
+            .replace(" <obs> ", "\n  obs: ")
+            .replace(" <act> ", "\n  act: ")
+        )
+    return stats

@@ -1,0 +1,326 @@
+"""The training loop: rollout -> StepBatch -> old/reference log-probs and values -> targets ->
+PPO update, with held-out evaluation, metrics, curves and checkpoints.
+
+Data flows one way: rollout records -> ``StepBatch.from_trajectories`` -> ops -> update.
+
+Seeds: iteration ``i`` trains on tasks ``train_seed(cfg.seed, i, g)`` for ``g < cfg.groups``
+(each task played ``cfg.group_size`` times: one GRPO group); evaluation uses the fixed held-out
+seeds ``EVAL_SEED_BASE + k``, never used for training, the same for every run (so algorithms
+and seeds are compared on the same tasks). Sampling and mini-batch shuffling draw from two
+dedicated ``torch.Generator``s whose states are checkpointed, so ``--resume`` reproduces the
+uninterrupted run's next updates exactly (same thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import StepBatch
+from ..envs import default_tokenizer, make_env
+from .algorithms import compute_targets
+from .config import TrainConfig
+from .plot import plot_run
+from .policy import Critic, build_policy
+from .rollout import rollout
+from .runfiles import atomic_torch_save, read_metrics, write_metrics
+from .update import Models, forward, ppo_update, reference_logprobs
+
+EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
+CHECKPOINT = "checkpoint.pt"
+
+
+def train_seed(run_seed: int, iteration: int, group: int, groups: int) -> int:
+    """Task seed of ``group`` at ``iteration``: always < 2**40 = ``EVAL_SEED_BASE``, so never a
+    held-out seed; each run seed owns its own block of 2**24 task seeds."""
+    return (run_seed % (1 << 16)) * (1 << 24) + (iteration * groups + group) % (1 << 24)
+
+
+class Trainer:
+    """Owns the models, optimizer, RNGs and run directory of one training run."""
+
+    is_main = True  # False on the ranks > 0 of a data-parallel run (they write no files, no logs)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg = cfg.resolved()
+        torch.set_num_threads(cfg.threads)
+        self.tokenizer = default_tokenizer()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        policy = build_policy(cfg, self.tokenizer).eval()
+        critic = Critic(policy, shared=cfg.critic == "shared").eval() if cfg.uses_critic else None
+        reference = None
+        if cfg.kl_coef != 0:
+            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.models = Models(policy, critic, reference, impl=cfg.impl)
+        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iteration = 0  # iterations completed
+        self.wall_offset = 0.0  # wall seconds spent before a resume
+        self.rows: list[dict] = []
+        self.env_factory = lambda: make_env(cfg.env)
+
+    # ------------------------------------------------------------------ run directory
+    @property
+    def out(self) -> str:
+        return self.cfg.out
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def prepare_run_dir(self) -> None:
+        """Create the run directory (or resume from it); refuse to overwrite a run silently."""
+        ckpt = self.path(CHECKPOINT)
+        if self.cfg.resume:
+            if not os.path.isfile(ckpt):
+                raise ValueError(f"--resume: no checkpoint at {ckpt}")
+            self.load_checkpoint(ckpt)
+        elif os.path.exists(ckpt) or os.path.exists(self.path("metrics.jsonl")):
+            raise ValueError(
+                f"--out: {self.out} already holds a run; pass --resume or another --out"
+            )
+        os.makedirs(self.out, exist_ok=True)
+        self.cfg.save_yaml(self.path("config.yaml"))
+
+    def state(self) -> dict:
+        m = self.models
+        return {
+            "iteration": self.iteration,
+            "wall_s": self.wall_s(),
+            "policy": m.policy.state_dict(),
+            "critic": None if m.critic is None else m.critic.state_dict(),
+            "reference": None if m.reference is None else m.reference.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sample_gen": self.sample_gen.get_state(),
+            "shuffle_gen": self.shuffle_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self.state(), self.path(CHECKPOINT))
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        m = self.models
+        m.policy.load_state_dict(state["policy"])
+        if m.critic is not None:
+            m.critic.load_state_dict(state["critic"])
+        if m.reference is not None:
+            m.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sample_gen.set_state(state["sample_gen"])
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.iteration = state["iteration"]
+        self.wall_offset = state["wall_s"]
+        self.rows = [
+            r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= self.iteration
+        ]
+
+    def export_model(self) -> None:
+        """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``)."""
+        final, tmp = self.path("model"), self.path("model.tmp")
+        self.models.policy.save_pretrained(tmp)
+        if os.path.isdir(final):
+            old = self.path("model.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            for name in os.listdir(old):
+                os.unlink(os.path.join(old, name))
+            os.rmdir(old)
+        else:
+            os.replace(tmp, final)
+
+    # ------------------------------------------------------------------ rollouts
+    def wall_s(self) -> float:
+        return self.wall_offset + (
+            time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0
+        )
+
+    def _bar(self, total: int, desc: str, unit: str = "ep"):
+        return tqdm(total=total, desc=desc, leave=False, disable=not self.cfg.progress, unit=unit)
+
+    def collect(self, seeds, groups, *, greedy: bool, generator, desc: str):
+        with self._bar(len(seeds), desc) as bar:
+            return rollout(
+                self.models.policy,
+                self.tokenizer,
+                self.env_factory,
+                seeds,
+                groups,
+                use_grammar=self.cfg.grammar,
+                temperature=self.cfg.temperature,
+                greedy=greedy,
+                max_action_tokens=self.cfg.max_action_tokens,
+                generator=generator,
+                on_step=bar.update,
+            )
+
+    def evaluate(self, episodes: int | None = None, greedy: bool | None = None) -> dict:
+        """Success rate, mean return and episode length on the held-out seeds."""
+        n = episodes or self.cfg.eval_episodes
+        greedy = self.cfg.eval_greedy if greedy is None else greedy
+        seeds = [EVAL_SEED_BASE + k for k in range(n)]
+        gen = torch.Generator().manual_seed(12345)  # eval never touches the training RNGs
+        res = self.collect(seeds, list(range(n)), greedy=greedy, generator=gen, desc="eval")
+        return episode_stats(res.trajectories)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> dict:
+        """One iteration: rollout, targets, update. Returns its metrics row."""
+        cfg, models, it = self.cfg, self.models, self.iteration
+        t0 = time.perf_counter()
+        seeds = [
+            train_seed(cfg.seed, it, g, cfg.groups)
+            for g in range(cfg.groups)
+            for _ in range(cfg.group_size)
+        ]
+        groups = [g for g in range(cfg.groups) for _ in range(cfg.group_size)]
+        res = self.collect(
+            seeds, groups, greedy=False, generator=self.sample_gen, desc=f"rollout {it + 1}"
+        )
+        t1 = time.perf_counter()
+        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout)
+        value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
+        with torch.no_grad():
+            out = forward(models, batch, res.masks, cfg.temperature, value_units)
+            old_logp = out.logp
+            ref_logp = None
+            if models.reference is not None:
+                ref_logp = reference_logprobs(
+                    models.reference,
+                    batch,
+                    res.masks,
+                    cfg.temperature,
+                    models.forward_mode,
+                    cfg.impl,
+                )
+        targets = compute_targets(cfg, batch, out.values)
+        n_steps = cfg.epochs * max(1, min(cfg.minibatches, batch.num_trajs))
+        with self._bar(n_steps, f"update {it + 1}", unit="step") as bar:
+            stats = ppo_update(
+                cfg,
+                models,
+                self.optimizer,
+                batch,
+                res.masks,
+                targets,
+                old_logp,
+                ref_logp,
+                self.shuffle_gen,
+                on_step=bar.update,
+            )
+        t2 = time.perf_counter()
+        self.iteration += 1
+        row = {"iter": self.iteration, **episode_stats(res.trajectories)}
+        row.update(
+            tokens=batch.num_tokens,
+            action_tokens=batch.num_actions,
+            sequences=batch.num_seqs,
+            wall_s=round(self.wall_s(), 3),
+            iter_s=round(t2 - t0, 3),
+            rollout_s=round(t1 - t0, 3),
+            update_s=round(t2 - t1, 3),
+            policy_loss=stats.get("policy_loss", 0.0),
+            value_loss=stats.get("value_loss"),
+            clip_frac=stats.get("clip_frac", 0.0),
+            kl=stats.get("approx_kl", 0.0),
+            entropy=stats.get("entropy", 0.0),
+            grad_norm=stats.get("grad_norm"),
+            ref_kl=None if ref_logp is None else float(_k3(old_logp, ref_logp)),
+            logp_diff=float((batch.rollout_logp - old_logp).abs().max())
+            if batch.num_actions
+            else 0.0,
+        )
+        return row
+
+    # ------------------------------------------------------------------ whole run
+    def train(self, log=print) -> list[dict]:
+        """Run up to ``cfg.iters`` iterations (continuing after a resume). Returns the rows."""
+        cfg = self.cfg
+        if not self.is_main:
+            log = _silent
+        self.prepare_run_dir()
+        self._t_start = time.perf_counter()
+        if self.iteration == 0 and cfg.eval_every:
+            row0 = {"iter": 0, "wall_s": 0.0}
+            row0.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            self.rows.append(row0)
+            log(f"it 0 | held-out success {row0['eval_success_rate']:.2f} (before training)")
+        while self.iteration < cfg.iters:
+            row = self.step()
+            last = self.iteration == cfg.iters
+            if cfg.eval_every and (self.iteration % cfg.eval_every == 0 or last):
+                row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                row["wall_s"] = round(self.wall_s(), 3)
+            self.rows.append(row)
+            if self.is_main:
+                write_metrics(self.path("metrics.jsonl"), self.rows)
+            log(summary_line(row, cfg.iters))
+            if cfg.plot and self.is_main and ("eval_success_rate" in row or last):
+                try:
+                    plot_run(
+                        self.rows,
+                        self.path("curves.png"),
+                        title=f"{cfg.env} / {cfg.algo} / seed {cfg.seed}",
+                    )
+                except ImportError:
+                    log("note: matplotlib is not installed; curves.png is not drawn (--no-plot)")
+                    cfg.plot = False
+            if self.iteration % cfg.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+        if cfg.iters == self.iteration:
+            self.export_model()
+        return self.rows
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    d = ref_logp - logp
+    return (d.exp() - d - 1).mean() if d.numel() else torch.zeros(())
+
+
+def episode_stats(trajectories: list[dict]) -> dict:
+    n = max(1, len(trajectories))
+    return {
+        "success_rate": sum(t["success"] for t in trajectories) / n,
+        "mean_return": sum(t["return"] for t in trajectories) / n,
+        "episode_len": sum(len(t["steps"]) for t in trajectories) / n,
+    }
+
+
+def summary_line(row: dict, iters: int) -> str:
+    """The one-line per-iteration summary."""
+
+    def f(key, fmt):
+        v = row.get(key)
+        return "-" if v is None else format(v, fmt)
+
+    text = (
+        f"it {row['iter']}/{iters} | succ {f('success_rate', '.2f')} ret {f('mean_return', '.2f')} "
+        f"len {f('episode_len', '.1f')}"
+    )
+    if "eval_success_rate" in row:
+        text += f" | held-out succ {row['eval_success_rate']:.2f}"
+    text += (
+        f" | pol {f('policy_loss', '+.4f')} val {f('value_loss', '.4f')}"
+        f" clip {f('clip_frac', '.3f')} kl {f('kl', '.4f')} ent {f('entropy', '.3f')}"
+        f" | {row['tokens']} tok | {row['iter_s']:.1f}s (roll {row['rollout_s']:.1f}"
+        f" upd {row['update_s']:.1f}) total {row['wall_s']:.0f}s"
+    )
+    return text

@@ -1,0 +1,263 @@
+"""Batched multi-turn rollouts with a KV cache, recording what training needs.
+
+All episodes of a call advance together, one environment step at a time:
+
+1. *prefill*: every live episode feeds the context tokens not yet in the cache (the previous
+   action's last token, then ``<obs> observation <act>``), right-padded to a common chunk
+   length; the logits at each row's last real token give the first action token's distribution;
+2. *decode*: each row draws action tokens one at a time (masked by the grammar when the env has
+   one), feeding each drawn token back, until its action is complete (grammar) or it drew
+   ``<end>`` / hit ``max_action_tokens`` (no grammar); rows with nothing new to feed get a
+   masked pad column;
+3. the action text goes to the env; finished episodes leave the batch (their cache rows are
+   dropped with ``DynamicCache.batch_select_indices``).
+
+Rows share one cache whose columns hold each row's real tokens plus pad columns; a 2-D
+``attention_mask`` (1 = real token) hides the pads and explicit ``position_ids`` count real
+tokens only, so each row computes exactly what it would alone (tested against the packed
+training forward).
+
+Token format of one episode (also the StepBatch merged sequence)::
+
+    <bos> <obs> o_0 ... <act> a_0 ... <obs> o_1 ... <act> a_1 ...
+
+``value_index`` of step t is its ``<act>`` token. Each step record is
+``{"prompt_ids", "action_ids", "reward", "logprobs", "anchor"}`` (DESIGN §2); trajectories are
+``{"steps", "terminated", "group"}`` plus ``success`` / ``return`` / ``seed`` for logging. The
+grammar mask rows of every action token, in StepBatch action order, are returned separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..envs.base import Env
+from ..envs.tokenizer import WordTokenizer
+from .masking import GrammarMasks, sample_from_logits
+
+
+@dataclass
+class _Row:
+    """One live episode."""
+
+    env: Env
+    seed: int
+    group: int
+    context: list[int]  # every token so far (prompt + actions + observations)
+    n_cached: int = 0  # how many context tokens are in the KV cache
+    steps: list[dict] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)  # [V] bool per action token
+    action: list[int] = field(default_factory=list)  # the action being decoded
+    action_logp: list[float] = field(default_factory=list)
+    action_masks: list[torch.Tensor] = field(default_factory=list)
+    done_acting: bool = False
+    total_reward: float = 0.0
+    terminated: bool = False
+    success: bool = False
+
+
+@dataclass
+class RolloutResult:
+    trajectories: list[dict]  # StepBatch.from_trajectories records (+ success/return/seed)
+    masks: torch.Tensor | None  # [A, V] bool in StepBatch action order, None without grammar
+    generated_tokens: int  # action tokens drawn
+    forward_calls: int
+
+
+def observation_ids(tokenizer: WordTokenizer, text: str) -> list[int]:
+    """``<obs> text <act>``: the tokens appended to the context for one observation."""
+    return [tokenizer.obs_id, *tokenizer.encode(text), tokenizer.act_id]
+
+
+class _Cache:
+    """KV cache + padding mask over the live rows."""
+
+    def __init__(self, model, pad_id: int):
+        from transformers import DynamicCache
+
+        self.model, self.pad_id = model, pad_id
+        self.kv = DynamicCache(config=model.config)
+        self.mask = None  # [B, L] long, 1 = real token
+        self.calls = 0
+
+    def feed(self, rows: Sequence[_Row]) -> torch.Tensor:
+        """Feed each row's uncached context tokens; return logits [B, V] at each row's last
+        real token (rows with nothing to feed get a pad column and garbage logits)."""
+        chunks = [r.context[r.n_cached :] for r in rows]
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        last = torch.zeros(len(rows), dtype=torch.long)
+        for i, (row, chunk) in enumerate(zip(rows, chunks)):
+            n = len(chunk)
+            if n:
+                ids[i, :n] = torch.tensor(chunk)
+                real[i, :n] = 1
+                pos[i, :n] = torch.arange(row.n_cached, row.n_cached + n)
+                last[i] = n - 1
+            pos[i, n:] = max(row.n_cached + n - 1, 0)  # pads: any position, they are masked
+            row.n_cached += n
+        self.mask = real if self.mask is None else torch.cat([self.mask, real], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=pos,
+            past_key_values=self.kv,
+            use_cache=True,
+        )
+        self.calls += 1
+        return out.logits[torch.arange(len(rows)), last]
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows in ``index`` (finished episodes leave)."""
+        idx = torch.tensor(index, dtype=torch.long)
+        self.kv.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+
+
+@torch.no_grad()
+def rollout(
+    model,
+    tokenizer: WordTokenizer,
+    make_env: Callable[[], Env],
+    seeds: Sequence[int],
+    groups: Sequence[int],
+    *,
+    use_grammar: bool = True,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    max_action_tokens: int = 6,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> RolloutResult:
+    """Play one episode per ``seeds[i]`` (task group ``groups[i]``) with ``model`` sampling.
+
+    Args:
+        model: an HF causal LM over ``tokenizer``'s ids (put in eval mode by the caller).
+        make_env: builds a fresh environment (one per episode).
+        use_grammar: mask sampling with the env's grammar (if it declares one).
+        temperature, greedy: sampling temperature / argmax decoding.
+        max_action_tokens: cap on free-form actions (no grammar); ``<end>`` ends them earlier.
+        generator: the torch RNG for sampling (saved in checkpoints for exact resumption).
+        on_step: called with the number of episodes that finished at each env step (progress).
+    """
+    rows: list[_Row] = []
+    for seed, group in zip(seeds, groups):
+        env = make_env()
+        try:
+            first = env.reset(int(seed))
+        except Exception as e:
+            raise RuntimeError(
+                f"env {getattr(env, 'name', env)!r} crashed in reset(seed={seed}): {e}"
+            ) from e
+        rows.append(
+            _Row(env, int(seed), int(group), [tokenizer.bos_id, *observation_ids(tokenizer, first)])
+        )
+    grammar_masks = None
+    if use_grammar and rows and rows[0].env.grammar is not None:
+        grammar_masks = GrammarMasks(rows[0].env.grammar, tokenizer)
+    finished: list[_Row] = []
+    cache = _Cache(model, tokenizer.pad_id)
+    generated = 0
+    live = list(rows)
+    while live:
+        # ---- decode one action per live row
+        for r in live:
+            r.action, r.action_logp, r.action_masks, r.done_acting = [], [], [], False
+        logits = cache.feed(live)
+        while True:
+            mask_rows = None
+            if grammar_masks is not None:
+                mask_rows = [grammar_masks.allowed(tuple(r.action)) for r in live]
+                full = torch.ones(len(tokenizer), dtype=torch.bool)
+                mask = torch.stack([m if m is not None else full for m in mask_rows])
+            else:
+                mask = None
+            tokens, logps = sample_from_logits(
+                logits, mask, temperature=temperature, greedy=greedy, generator=generator
+            )
+            for i, r in enumerate(live):
+                if r.done_acting:
+                    continue
+                tok = int(tokens[i])
+                r.action.append(tok)
+                r.action_logp.append(float(logps[i]))
+                if mask_rows is not None:
+                    r.action_masks.append(mask_rows[i])
+                r.context.append(tok)
+                generated += 1
+                if grammar_masks is not None:
+                    r.done_acting = grammar_masks.allowed(tuple(r.action)) is None
+                else:
+                    r.done_acting = tok == tokenizer.end_id or len(r.action) >= max_action_tokens
+            if all(r.done_acting for r in live):
+                break
+            # rows feed their newest token (a row whose action just completed feeds its last
+            # token now; rows with nothing new feed a masked pad column)
+            logits = cache.feed(live)
+        # ---- environment step
+        still: list[int] = []
+        n_done = 0
+        for i, r in enumerate(live):
+            prompt = r.context[: len(r.context) - len(r.action)]
+            words = [w for w in r.action if w != tokenizer.end_id]
+            anchor_key = r.env.state_key()
+            text = tokenizer.decode(words)
+            try:
+                obs, reward, terminated, truncated, info = r.env.step(text)
+            except Exception as e:
+                raise RuntimeError(
+                    f"env {getattr(r.env, 'name', r.env)!r} crashed in step({text!r}) "
+                    f"(seed {r.seed}, step {len(r.steps)}): {e}"
+                ) from e
+            r.total_reward += float(reward)
+            r.steps.append(
+                {
+                    "prompt_ids": prompt,
+                    "action_ids": list(r.action),
+                    "reward": float(reward),
+                    "logprobs": list(r.action_logp),
+                    "anchor_key": anchor_key,
+                }
+            )
+            r.masks.extend(r.action_masks)
+            if terminated or truncated:
+                r.terminated, r.success = bool(terminated), bool(info.get("success", False))
+                finished.append(r)
+                n_done += 1
+            else:
+                r.context.extend(observation_ids(tokenizer, obs))
+                still.append(i)
+        if on_step is not None:
+            on_step(n_done)
+        if len(still) < len(live):
+            if still:
+                cache.keep(still)
+            live = [live[i] for i in still]
+    return _collect(rows, grammar_masks is not None, generated, cache.calls)
+
+
+def _collect(rows: list[_Row], with_masks: bool, generated: int, calls: int) -> RolloutResult:
+    """Trajectory records in input order, anchors as ints, masks stacked in action order."""
+    anchor_ids: dict[str, int] = {}
+    trajectories, masks = [], []
+    for r in rows:
+        for step in r.steps:
+            step["anchor"] = anchor_ids.setdefault(step.pop("anchor_key"), len(anchor_ids))
+        trajectories.append(
+            {
+                "steps": r.steps,
+                "terminated": r.terminated,
+                "group": r.group,
+                "success": r.success,
+                "return": r.total_reward,
+                "seed": r.seed,
+            }
+        )
+        masks.extend(r.masks)
+    stacked = torch.stack(masks) if with_masks and masks else None
+    return RolloutResult(trajectories, stacked, generated, calls)

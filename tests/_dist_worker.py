@@ -1,0 +1,167 @@
+"""Workers of tests/test_distributed.py (a module of its own so ``torch.multiprocessing.spawn``
+can import them in the child processes).
+
+- :func:`one_update`: a fixed rollout batch (the same episodes on every rank: one fixed-seed
+  rollout of the whole batch with fixed rewards, then each rank keeps its task groups) and one
+  ``ppo_update``
+  (2 epochs x 2 mini-batches, several micro-batches, KL to a reference): returns the flat
+  parameters after it. ``comm=None`` is the unchanged single-process path.
+- :func:`worker`: the entry point of each spawned rank (gloo over a file store).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+from steppo_fast import StepBatch
+from steppo_fast.envs import default_tokenizer, make_env
+from steppo_fast.trainer.config import TrainConfig
+from steppo_fast.trainer.distributed import (
+    Comm,
+    DistributedTrainer,
+    compute_targets_global,
+    global_traj_ids,
+    rank_groups,
+)
+from steppo_fast.trainer.loop import train_seed
+from steppo_fast.trainer.policy import Critic, build_policy
+from steppo_fast.trainer.rollout import rollout
+from steppo_fast.trainer.update import Models, forward, ppo_update, reference_logprobs
+
+# (algorithm, optimizer, mini-batches): SGD makes the parameters linear in the gradient, so a
+# wrong gradient scale (e.g. averaged instead of summed over ranks) shows; AdamW is what the
+# trainer uses. With 4 mini-batches of 2 trajectories some mini-batches lie on one rank only
+# (shuffle seed 1: the other rank contributes no micro-batch and no gradient to that step).
+CASES = (
+    ("steppo", "adamw", 2),
+    ("steppo", "sgd", 2),
+    ("steppo", "sgd", 4),
+    ("ppo", "sgd", 2),
+    ("grpo", "sgd", 2),
+)
+
+
+def update_cfg(algo: str, minibatches: int) -> TrainConfig:
+    return TrainConfig(
+        algo=algo,
+        env="doors",
+        hidden_size=32,
+        num_heads=2,
+        num_layers=1,
+        groups=4,
+        group_size=2,
+        epochs=2,
+        minibatches=minibatches,
+        micro_batch_tokens=96,  # several micro-batches per mini-batch
+        lr=1e-2,
+        critic_lr=1e-2,
+        kl_coef=0.05,
+        impl="torch",
+    ).resolved()
+
+
+def flat_params(models: Models) -> torch.Tensor:
+    params = list(models.policy.parameters())
+    if models.critic is not None:
+        params += list(models.critic.parameters())
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> dict:
+    cfg = update_cfg(algo, minibatches)
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    policy = build_policy(cfg, tok).eval()
+    critic = Critic(policy, shared=False).eval() if cfg.uses_critic else None
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    models = Models(policy, critic, reference, impl=cfg.impl)
+    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    if critic is not None:
+        groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
+    if optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=0.5)
+    else:
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    init = flat_params(models).clone()
+
+    task_groups = [g for g in range(cfg.groups) for _ in range(cfg.group_size)]
+    seeds = [train_seed(cfg.seed, 0, g, cfg.groups) for g in task_groups]
+    res = rollout(
+        policy,
+        tok,
+        lambda: make_env(cfg.env),
+        seeds,
+        task_groups,
+        use_grammar=True,
+        generator=torch.Generator().manual_seed(7),
+    )
+    for i, traj in enumerate(res.trajectories):  # fixed rewards that differ within groups
+        traj["steps"][-1]["reward"] = float(i % 3) - 0.5 * len(traj["steps"])
+    full = StepBatch.from_trajectories(res.trajectories)
+    traj_ids = None
+    batch, masks = full, res.masks
+    if comm is not None:
+        traj_ids = global_traj_ids(rank_groups(cfg.groups, comm), cfg.group_size)
+        sel = full.select_trajectories(traj_ids)
+        batch, masks = sel.batch, res.masks[full.actions_of_steps(sel.step_index)]
+    value_units = "token" if algo == "ppo" else ("step" if cfg.uses_critic else None)
+    with torch.no_grad():
+        out = forward(models, batch, masks, cfg.temperature, value_units)
+        ref_logp = reference_logprobs(reference, batch, masks, cfg.temperature, "padded", cfg.impl)
+    targets = compute_targets_global(cfg, batch, out.values, comm)
+    stats = ppo_update(
+        cfg,
+        models,
+        optimizer,
+        batch,
+        masks,
+        targets,
+        out.logp,
+        ref_logp,
+        torch.Generator().manual_seed(1),
+        comm=comm,
+        traj_ids=traj_ids,
+    )
+    return {
+        "init": init,
+        "params": flat_params(models),
+        "stats": stats,
+        "num_trajs": batch.num_trajs,
+        "num_mbs_full": len(full.microbatches(cfg.micro_batch_tokens)),
+    }
+
+
+def train_cfg(out: str, iters: int) -> TrainConfig:
+    return TrainConfig(
+        out=out,
+        env="doors",
+        iters=iters,
+        groups=2,
+        group_size=2,
+        hidden_size=32,
+        num_heads=2,
+        num_layers=1,
+        eval_every=0,
+        plot=False,
+        progress=False,
+        checkpoint_every=1,
+        micro_batch_tokens=128,
+        impl="torch",
+    )
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    comm = Comm(rank, world)
+    results = {case: one_update(*case, comm) for case in CASES}
+    trainer = DistributedTrainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm)
+    trainer.train()
+    results["trained"] = flat_params(trainer.models)
+    results["rows"] = trainer.rows
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    comm.close()

@@ -1,0 +1,64 @@
+"""Data-parallel trainer (steppo_fast.trainer.distributed): 2 gloo CPU ranks == 1 rank.
+
+One ``torch.multiprocessing.spawn`` of 2 ranks (module fixture) runs, on fixed episodes, one
+``ppo_update`` per algorithm (critic + global whitening: steppo, ppo; group baselines: grpo) and
+a 1-iteration ``DistributedTrainer`` run that saves a checkpoint. The tests compare the 2-rank
+parameters with the single-process update on the same batch, and resume the 2-rank checkpoint
+under 1 rank."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+
+from _dist_worker import CASES, flat_params, one_update, train_cfg, worker  # noqa: E402
+
+from steppo_fast.trainer.loop import Trainer  # noqa: E402
+
+ATOL, RTOL = 1e-5, 1e-5  # fp32 (tests/conftest.py TOL[torch.float32])
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_two_rank_update_equals_one_rank(two_ranks, case):
+    _, ranks = two_ranks
+    torch.set_num_threads(1)
+    single = one_update(*case, None)
+    r0, r1 = ranks[0][case], ranks[1][case]
+    # the split is real: each rank held part of the batch, and it needed several micro-batches
+    assert 0 < r0["num_trajs"] < single["num_trajs"]
+    assert r0["num_trajs"] + r1["num_trajs"] == single["num_trajs"]
+    assert single["num_mbs_full"] > 2
+    torch.testing.assert_close(r0["init"], single["init"], atol=0, rtol=0)
+    moved = (single["params"] - single["init"]).abs().max()
+    assert moved > 100 * ATOL  # the update changed the parameters
+    torch.testing.assert_close(r0["params"], r1["params"], atol=0, rtol=0)  # replicated
+    torch.testing.assert_close(r0["params"], single["params"], atol=ATOL, rtol=RTOL)
+    for key, value in single["stats"].items():
+        assert r0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_checkpoint_of_two_ranks_resumes_under_one(two_ranks):
+    out, ranks = two_ranks
+    run = str(out / "run")
+    assert os.path.isfile(os.path.join(run, "checkpoint.pt"))
+    torch.testing.assert_close(ranks[0]["trained"], ranks[1]["trained"], atol=0, rtol=0)
+    row = ranks[0]["rows"][0]
+    assert row["ranks"] == 2 and row["sequences"] > 0
+    torch.set_num_threads(1)
+    trainer = Trainer(dataclasses.replace(train_cfg(run, iters=2), resume=True))
+    trainer.prepare_run_dir()
+    assert trainer.iteration == 1
+    torch.testing.assert_close(flat_params(trainer.models), ranks[0]["trained"], atol=0, rtol=0)
+    rows = trainer.train(log=lambda *a: None)
+    assert [r["iter"] for r in rows] == [1, 2]
