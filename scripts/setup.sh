@@ -3,12 +3,12 @@
 # CPU extension built. Idempotent: re-running only rebuilds what changed.
 #   TORCH_SPEC   torch requirement to install when torch is missing (default torch==2.13.0, the
 #                CPU wheel these machines hold; on a GPU box use your CUDA build instead)
-#   EXTRAS       package extras to install (default dev,hf,numba)
+#   EXTRAS       package extras to install (default dev,train,numba)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev,hf,numba}
+EXTRAS=${EXTRAS:-dev,train,numba}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)

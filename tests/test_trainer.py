@@ -289,6 +289,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(("layout", "forward"), [("rows", "padded"), ("auto", "packed")])
+def test_training_with_rows_layout_and_packed_forward(tmp_path, layout, forward):
+    trainer = Trainer(small_cfg(tmp_path, iters=1, layout=layout, forward=forward))
+    row = trainer.train(log=lambda s: None)[-1]
+    steps = row["episode_len"] * 16  # 16 episodes
+    assert row["sequences"] == (round(steps) if layout == "rows" else 16)
+    assert row["logp_diff"] < ATOL and math.isfinite(row["policy_loss"])
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     Trainer(small_cfg(tmp_path, iters=1)).train(log=lambda s: None)
     with pytest.raises(ValueError, match="already holds a run"):

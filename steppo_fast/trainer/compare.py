@@ -53,8 +53,8 @@ def run_compare(base: TrainConfig, algos: list[str], seeds: int, out: str = "") 
     plot_compare(
         curves,
         os.path.join(out, "curves.png"),
-        "eval_success_rate",
-        f"{base.env}: held-out success, mean +- std over {seeds} seeds",
+        f"{base.env}: mean +- std over {seeds} seeds ({base.iters} iterations x "
+        f"{base.groups * base.group_size} episodes)",
     )
     print(table)
     return table
@@ -66,7 +66,26 @@ def _mean_std(xs: list[float]) -> str:
         return "-"
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{m:.3f} +- {s:.3f}"
+    fmt = ".3f" if abs(m) < 10 else (".1f" if abs(m) < 1000 else ".0f")
+    return f"{m:{fmt}} +- {s:{fmt}}"
+
+
+def _first_iter(rows: list[dict], key: str, threshold: float):
+    """First iteration whose ``key`` reaches ``threshold`` (None if never)."""
+    return next((r["iter"] for r in rows if (r.get(key) or 0.0) >= threshold), None)
+
+
+def _reached(runs: list[list[dict]], threshold: float) -> str:
+    its = [_first_iter(r, "eval_success_rate", threshold) for r in runs]
+    hit = [i for i in its if i is not None]
+    if not hit:
+        return f"0/{len(runs)}"
+    return f"{len(hit)}/{len(runs)} (mean iter {sum(hit) / len(hit):.0f})"
+
+
+def _last_mean(rows: list[dict], key: str, n: int = 10):
+    vals = [r[key] for r in rows if r.get(key) is not None][-n:]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _final(rows: list[dict], key: str):
@@ -75,8 +94,9 @@ def _final(rows: list[dict], key: str):
 
 
 def results_table(base: TrainConfig, curves: dict[str, list[list[dict]]]) -> str:
-    """Markdown: per algorithm, final held-out success / return / episode length, last training
-    success, wall time and tokens per iteration (mean +- std over seeds)."""
+    """Markdown: per algorithm, final held-out success / return / episode length, training
+    success over the last 10 iterations, seeds reaching 90% held-out success (and when), wall
+    time and tokens per iteration (mean +- std over seeds)."""
     seeds = max((len(v) for v in curves.values()), default=0)
     lines = [
         f"# steppo compare: {base.env}, {seeds} seeds",
@@ -91,15 +111,16 @@ def results_table(base: TrainConfig, curves: dict[str, list[list[dict]]]) -> str
         f"written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}.",
         "",
         "| algo | held-out success | held-out return | held-out episode len | train success "
-        "(last iter) | wall s | tokens / iter |",
-        "|---|---|---|---|---|---|---|",
+        "(last 10 iters) | seeds reaching 90% held-out | wall s | tokens / iter |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for algo, runs in curves.items():
         lines.append(
             f"| {algo} | {_mean_std([_final(r, 'eval_success_rate') for r in runs])} "
             f"| {_mean_std([_final(r, 'eval_mean_return') for r in runs])} "
             f"| {_mean_std([_final(r, 'eval_episode_len') for r in runs])} "
-            f"| {_mean_std([_final(r, 'success_rate') for r in runs])} "
+            f"| {_mean_std([_last_mean(r, 'success_rate') for r in runs])} "
+            f"| {_reached(runs, 0.9)} "
             f"| {_mean_std([_final(r, 'wall_s') for r in runs])} "
             f"| {_mean_std([_avg(r, 'tokens') for r in runs])} |"
         )

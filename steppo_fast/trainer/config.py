@@ -90,6 +90,7 @@ class TrainConfig:
     grammar: bool = True  # constrained decoding with the env's action grammar
     max_action_tokens: int = 6  # cap on free-form actions (no grammar)
     layout: str = "auto"  # StepBatch layout: auto | merged | rows
+    forward: str = "padded"  # training forward: padded (CPU) | packed (flash-attn varlen on GPU)
     # --- algorithm (None = the algorithm's default, ALGO_DEFAULTS)
     ratio_level: str | None = None
     agg: str | None = None
@@ -147,6 +148,7 @@ class TrainConfig:
             "impl": (self.impl, ("auto", "torch", "triton", "cpp")),
             "critic": (self.critic, ("separate", "shared")),
             "layout": (self.layout, ("auto", "merged", "rows")),
+            "forward": (self.forward, ("padded", "packed")),
             "kl_type": (self.kl_type, ("k1", "k2", "k3")),
             "ratio_level": (self.ratio_level, (None, "step", "token", "trajectory")),
             "agg": (self.agg, (None, "step-mean", "token-mean", "traj-mean")),

@@ -57,7 +57,7 @@ class Trainer:
         reference = None
         if cfg.kl_coef != 0:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.models = Models(policy, critic, reference, impl=cfg.impl)
+        self.models = Models(policy, critic, reference, forward_mode=cfg.forward, impl=cfg.impl)
         groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})

@@ -58,39 +58,42 @@ def plot_run(rows: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_compare(curves: dict[str, list[list[dict]]], path: str, key: str, title: str) -> None:
-    """Mean +- std over seeds of ``key`` (per iteration where present) for each algorithm;
-    x axis = iteration (left) and wall seconds (right)."""
+COMPARE_PANELS = (
+    ("eval_success_rate", "held-out success (greedy)"),
+    ("success_rate", "training success (sampled)"),
+)
+
+
+def plot_compare(curves: dict[str, list[list[dict]]], path: str, title: str) -> None:
+    """One row per metric of :data:`COMPARE_PANELS`: mean +- std over seeds for each algorithm
+    against the iteration (left) and the wall time (right, mean over seeds)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for algo, runs in curves.items():
-        by_iter: dict[int, list[float]] = {}
-        by_iter_wall: dict[int, list[float]] = {}
-        for rows in runs:
-            for r in rows:
-                if r.get(key) is not None:
-                    by_iter.setdefault(r["iter"], []).append(r[key])
-                    by_iter_wall.setdefault(r["iter"], []).append(r["wall_s"])
-        its = sorted(by_iter)
-        if not its:
-            continue
-        mean = [sum(by_iter[i]) / len(by_iter[i]) for i in its]
-        std = [_std(by_iter[i]) for i in its]
-        wall = [sum(by_iter_wall[i]) / len(by_iter_wall[i]) for i in its]
-        for ax, x in zip(axes, (its, wall)):
-            (line,) = ax.plot(x, mean, label=algo)
-            ax.fill_between(
-                x,
-                [m - s for m, s in zip(mean, std)],
-                [m + s for m, s in zip(mean, std)],
-                color=line.get_color(),
-                alpha=0.2,
-            )
-    axes[0].set_xlabel("iteration")
-    axes[1].set_xlabel("wall time (s, mean over seeds)")
-    for ax in axes:
-        ax.set_ylabel(key.replace("_", " "))
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(COMPARE_PANELS), 2, figsize=(10, 3.2 * len(COMPARE_PANELS)))
+    for row, (key, label) in zip(axes, COMPARE_PANELS):
+        for algo, runs in curves.items():
+            values: dict[int, list[float]] = {}
+            walls: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    if r.get(key) is not None:
+                        values.setdefault(r["iter"], []).append(r[key])
+                        walls.setdefault(r["iter"], []).append(r["wall_s"])
+            its = sorted(values)
+            if not its:
+                continue
+            mean = [sum(values[i]) / len(values[i]) for i in its]
+            std = [_std(values[i]) for i in its]
+            wall = [sum(walls[i]) / len(walls[i]) for i in its]
+            for ax, x in zip(row, (its, wall)):
+                (line,) = ax.plot(x, mean, label=algo)
+                low = [m - s for m, s in zip(mean, std)]
+                high = [m + s for m, s in zip(mean, std)]
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+        row[0].set_xlabel("iteration", fontsize=8)
+        row[1].set_xlabel("wall time (s, mean over seeds)", fontsize=8)
+        for ax in row:
+            ax.set_ylabel(label, fontsize=8)
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
