@@ -53,7 +53,7 @@ sys.exit(any(importlib.util.find_spec(m) is None
 fi
 
 # 3. steppo_fast itself, editable, from this checkout (STEPPO_NO_CPP=1: no C++ build)
-if ! "$PY" - "$ROOT" <<'EOF'
+if ! "$PY" -I - "$ROOT" <<'EOF'
 import os, sys
 try:
     import steppo_fast
