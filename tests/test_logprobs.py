@@ -133,6 +133,27 @@ def test_chunk_size_independence(dtype):
             assert_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("chunk", [300, None])
+def test_several_backward_row_blocks_and_vocab_tiles(chunk):
+    """M > BACKWARD_TILE_ROWS: d weight / d bias accumulate over row blocks (beta = 1 after the
+    first), d hidden over vocabulary tiles."""
+    m = ref_logprobs.BACKWARD_TILE_ROWS + 77
+    hidden, weight, targets, bias = make(m=m, h=4, v=50, dtype=F64, grad=True)
+    rows, cols = ref_logprobs.backward_tile(m, 50, chunk or m)
+    assert rows == (ref_logprobs.BACKWARD_TILE_ROWS if chunk else m)
+    assert cols < 50 if chunk else cols == 50
+    g_logp, g_ent = torch.randn(m, dtype=F64), torch.randn(m, dtype=F64)
+    logp, ent = linear_logprobs(
+        hidden, weight, targets, bias=bias, return_entropy=True, chunk_size=chunk
+    )
+    got = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), (hidden, weight, bias))
+    t_logp, t_ent = naive(hidden, weight, targets, bias)
+    want = torch.autograd.grad((t_logp * g_logp + t_ent * g_ent).sum(), (hidden, weight, bias))
+    assert_close(logp, t_logp, F64)
+    for g, w in zip(got, want):
+        assert_close(g, w, F64)
+
+
 def test_default_chunk_rows_rule():
     budget = ref_logprobs.WORKSPACE_BUDGET_BYTES
     rows = ref_logprobs.default_chunk_rows(10**6, 151936)
@@ -143,6 +164,14 @@ def test_default_chunk_rows_rule():
     assert ref_logprobs.default_chunk_rows(10**6, huge_vocab) == 3
     assert ref_logprobs.default_chunk_rows(10**6, 10 * budget) == 1
     assert ref_logprobs.default_chunk_rows(10**6, 151936, itemsize=8) * 151936 * 8 <= budget
+    # Backward tiles: >= BACKWARD_TILE_ROWS rows (or all), never more elements than the chunk.
+    big = ref_logprobs.BACKWARD_TILE_ROWS
+    for m, v, chunk in [(10**5, 151936, 128), (100, 151936, 100), (37, 77, 1), (5000, 50, 2048)]:
+        tile_rows, tile_cols = ref_logprobs.backward_tile(m, v, chunk)
+        assert tile_rows == min(m, max(chunk, big))
+        assert 1 <= tile_cols <= v and tile_rows * tile_cols <= max(chunk * v, tile_rows)
+        assert tile_cols == v or tile_cols < 256 or tile_cols % 256 == 0
+    assert ref_logprobs.backward_tile(100, 151936, 100) == (100, 151936)
 
 
 @pytest.mark.parametrize("return_entropy", [False, True])
@@ -236,6 +265,32 @@ def test_empty_rows(return_entropy):
     assert hidden.grad.shape == (0, 24)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
     assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_real_vocab_rows_in_place_kernels():
+    """V = 151936 (Qwen2 vocabulary): the in-place row softmax / log_softmax kernels and the
+    oneDNN products on long rows, logp + entropy + all gradients vs the fp64 truth."""
+    hidden, weight, targets, bias = make(m=3, h=8, v=151936, grad=True)
+    logp, entropy = linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.7, return_entropy=True, chunk_size=2
+    )
+    g_logp, g_ent = torch.randn(3), torch.randn(3)
+    got = torch.autograd.grad((logp * g_logp + entropy * g_ent).sum(), (hidden, weight, bias))
+    leaves = [x.detach().to(F64).requires_grad_(True) for x in (hidden, weight, bias)]
+    t_logp, t_ent = naive(leaves[0], leaves[1], targets, leaves[2], 0.7)
+    want = torch.autograd.grad((t_logp * g_logp + t_ent * g_ent).sum(), leaves)
+    assert_close(logp, t_logp, torch.float32)
+    assert_close(entropy, t_ent, torch.float32)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
+
+
+def test_noncontiguous_hidden():
+    hidden, weight, targets, bias = make()
+    hidden_t = hidden.T.contiguous().T
+    assert not hidden_t.is_contiguous()
+    logp = linear_logprobs(hidden_t, weight, targets, bias=bias, chunk_size=7)
+    assert_close(logp, naive(hidden, weight, targets, bias)[0], torch.float32)
 
 
 def test_int32_targets_and_noncontiguous_weight():
