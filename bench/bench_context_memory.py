@@ -11,9 +11,11 @@ output (the log-prob layer's cost does not depend on their values).
 - ``action``: ``hidden[batch.logit_index]`` and ``batch.action_ids`` only (what StepPO needs).
 
 Each (selection, implementation, pass) runs in a fresh subprocess with the RSS rules of
-bench_logprobs.py ("workspace" = peak RSS minus inputs minus fresh gradients; glibc mmap
-threshold pinned). ``naive`` runs are skipped when their [M, V] tensors cannot fit (table says
-so). Writes ``bench/results/context_memory.json``.
+bench_logprobs.py: "workspace" = peak RSS minus inputs minus fresh gradients, glibc mmap
+threshold pinned. The [M, H] gather ``hidden[rows]`` is made before the measurement (it is the
+op's input: 72 MB for all 17.6k tokens of 2 trajectories at H = 1024). ``naive`` runs are
+skipped when their [M, V] tensors cannot fit (the table says so).
+Writes ``bench/results/context_memory.json``.
 """
 
 from __future__ import annotations
@@ -81,10 +83,13 @@ def worker(args) -> dict:
         def fwd(h, w, t):
             return linear_logprobs(h, w, t, impl="torch")
 
+    # The op's input is hidden[rows] (a [M, H] copy the trainer makes with its gather; made
+    # here before the measurement, as a leaf, so that its gradient is the fresh [M, H] one).
+    hidden = hidden_all[rows].requires_grad_(backward)
+    del hidden_all
     weight.requires_grad_(backward)
-    hidden_all.requires_grad_(backward)
     # Warm-up on 64 rows (library init, autograd engine threads), then drop its gradients.
-    warm = hidden_all.detach()[rows[:64]].requires_grad_(backward)
+    warm = hidden.detach()[:64].clone().requires_grad_(backward)
     with torch.set_grad_enabled(backward):
         out = fwd(warm, weight, targets[:64])
         if backward:
@@ -96,7 +101,6 @@ def worker(args) -> dict:
     base = harness.rss_bytes()
     t0 = time.perf_counter()
     with torch.set_grad_enabled(backward):
-        hidden = hidden_all[rows]  # the gather is part of the op's cost (it is in the trainer)
         logp = fwd(hidden, weight, targets)
         if backward:
             logp.backward(upstream)
@@ -104,7 +108,7 @@ def worker(args) -> dict:
     peak = harness.peak_rss_bytes() - base
     fresh = 0
     if backward:
-        fresh = hidden_all.grad.nbytes + weight.grad.nbytes
+        fresh = hidden.grad.nbytes + weight.grad.nbytes
     return {
         "rows": rows.numel(),
         "tokens": batch.num_tokens,
