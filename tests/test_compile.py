@@ -224,23 +224,8 @@ def _run(fn, diff: dict, others: dict, compiled: bool):
     return [t.detach() for t in out], list(grads)
 
 
-# Pairs that do not trace yet, because of code outside the public wrappers (kept as strict xfail so
-# that fixing them is noticed): the reference's segmented scan loops ceil(log2(longest segment))
-# times, the longest read from the offsets' values (reference/advantages.py::_segment_layout);
-# the reference logprobs calls torch.backends.mkldnn.is_available() inside its autograd.Function,
-# which Dynamo refuses to trace (reference/logprobs.py).
-NOT_TRACEABLE: dict[tuple[str, str], str] = {}
-
-
-def _params():
-    for case in CASES:
-        for impl in IMPLS:
-            reason = NOT_TRACEABLE.get((case, impl))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(case, impl, marks=marks, id=f"{case}-{impl}")
-
-
-@pytest.mark.parametrize("case, impl", list(_params()))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
 def test_compiled_equals_eager(case, impl):
     op, build = CASES[case]
     if impl not in _dispatch.available_impls(op, "cpu"):

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
 from .config import TrainConfig
-from .loop import CHECKPOINT, Trainer, _k3, episode_stats, train_seed
+from .loop import CHECKPOINT, Trainer, _k3, episode_stats, train_seed, update_fields
 from .update import forward, ppo_update, reference_logprobs
 
 
@@ -259,16 +259,7 @@ class DistributedTrainer(Trainer):
             tokens=int(sums[4]),
             action_tokens=int(sums[5]),
             sequences=int(sums[6]),
-            wall_s=round(self.wall_s(), 3),
-            iter_s=round(t2 - t0, 3),
-            rollout_s=round(t1 - t0, 3),
-            update_s=round(t2 - t1, 3),
-            policy_loss=stats.get("policy_loss", 0.0),
-            value_loss=stats.get("value_loss"),
-            clip_frac=stats.get("clip_frac", 0.0),
-            kl=stats.get("approx_kl", 0.0),
-            entropy=stats.get("entropy", 0.0),
-            grad_norm=stats.get("grad_norm"),
+            **update_fields(stats, self.wall_s(), t0, t1, t2),
             ref_kl=None if ref_logp is None else sums[7] / max(sums[5], 1.0),
             logp_diff=max_diff,
             ranks=comm.world,

@@ -35,6 +35,23 @@ EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
 CHECKPOINT = "checkpoint.pt"
 
 
+def update_fields(stats: dict, wall_s: float, t0: float, t1: float, t2: float) -> dict:
+    """The timing and update-stat fields of one metrics row: the iteration ran rollout
+    ``[t0, t1)`` and update ``[t1, t2)`` (perf_counter seconds); ``stats`` from ``ppo_update``."""
+    return dict(
+        wall_s=round(wall_s, 3),
+        iter_s=round(t2 - t0, 3),
+        rollout_s=round(t1 - t0, 3),
+        update_s=round(t2 - t1, 3),
+        policy_loss=stats.get("policy_loss", 0.0),
+        value_loss=stats.get("value_loss"),
+        clip_frac=stats.get("clip_frac", 0.0),
+        kl=stats.get("approx_kl", 0.0),
+        entropy=stats.get("entropy", 0.0),
+        grad_norm=stats.get("grad_norm"),
+    )
+
+
 def train_seed(run_seed: int, iteration: int, group: int, groups: int) -> int:
     """Task seed of ``group`` at ``iteration``: always < 2**40 = ``EVAL_SEED_BASE``, so never a
     held-out seed; each run seed owns its own block of 2**24 task seeds."""
@@ -229,16 +246,7 @@ class Trainer:
             tokens=batch.num_tokens,
             action_tokens=batch.num_actions,
             sequences=batch.num_seqs,
-            wall_s=round(self.wall_s(), 3),
-            iter_s=round(t2 - t0, 3),
-            rollout_s=round(t1 - t0, 3),
-            update_s=round(t2 - t1, 3),
-            policy_loss=stats.get("policy_loss", 0.0),
-            value_loss=stats.get("value_loss"),
-            clip_frac=stats.get("clip_frac", 0.0),
-            kl=stats.get("approx_kl", 0.0),
-            entropy=stats.get("entropy", 0.0),
-            grad_norm=stats.get("grad_norm"),
+            **update_fields(stats, self.wall_s(), t0, t1, t2),
             ref_kl=None if ref_logp is None else float(_k3(old_logp, ref_logp)),
             logp_diff=float((batch.rollout_logp - old_logp).abs().max())
             if batch.num_actions
