@@ -100,37 +100,47 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _head_operands(hidden, weight, bias, targets, placeholder):
+    """The leading pointer arguments of the LM-head kernels: hidden, weight, bias (``placeholder``
+    when None: never read), targets."""
+    return hidden, weight, bias.contiguous() if bias is not None else placeholder, targets
+
+
+def _head_scalars(hidden, weight, inv_temp):
+    """The scalar arguments of the LM-head kernels: rows, vocabulary, width, the row strides of
+    hidden and weight, 1 / temperature."""
+    num_rows, width = hidden.shape
+    return num_rows, weight.shape[0], width, hidden.stride(0), weight.stride(0), inv_temp
+
+
+def _head_flags(hidden, weight, bias) -> dict:
+    """The launch constants shared by the LM-head kernels (bias, dot precision, tile sizes)."""
+    return dict(
+        HAS_BIAS=bias is not None,
+        DOT_FP32=_dot_fp32(hidden, weight),
+        BLOCK_M=BLOCK_M,
+        BLOCK_V=BLOCK_V,
+        BLOCK_H=BLOCK_H,
+    )
+
+
 def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bool):
     """(logp [M], lse [M], entropy [M] or [0]) fp32."""
     hidden, weight = _rows_ready(hidden), _rows_ready(weight)
-    num_rows, width = hidden.shape
-    vocab = weight.shape[0]
+    num_rows = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, lse = torch.empty(num_rows, **f32), torch.empty(num_rows, **f32)
     entropy = torch.empty(num_rows if want_entropy else 0, **f32)
     if num_rows == 0:
         return logp, lse, entropy
-    bias_arg = bias.contiguous() if bias is not None else lse  # placeholder, never read
     _k._lse_fwd_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
-        hidden,
-        weight,
-        bias_arg,
-        targets.contiguous(),
+        *_head_operands(hidden, weight, bias, targets.contiguous(), placeholder=lse),
         logp,
         lse,
         entropy if want_entropy else lse,
-        num_rows,
-        vocab,
-        width,
-        hidden.stride(0),
-        weight.stride(0),
-        inv_temp,
-        HAS_BIAS=bias is not None,
+        *_head_scalars(hidden, weight, inv_temp),
         WANT_ENTROPY=want_entropy,
-        DOT_FP32=_dot_fp32(hidden, weight),
-        BLOCK_M=BLOCK_M,
-        BLOCK_V=BLOCK_V,
-        BLOCK_H=BLOCK_H,
+        **_head_flags(hidden, weight, bias),
     )
     return logp, lse, entropy
 
@@ -145,53 +155,41 @@ def logit_grad_chunk(
     hidden [n, H] (unit column stride), weight [V, H], bias [V] or None, targets [n], lse [n]
     fp32, entropy [n] fp32 and g_ent [n] fp32 (both None: no entropy gradient), g_logp [n]
     fp32; dz_out contiguous fp32/bf16/fp16."""
-    num_rows, width = hidden.shape
-    vocab = weight.shape[0]
     has_ent = g_ent is not None
-    _k._logit_grad_kernel[(triton.cdiv(vocab, BLOCK_V),)](
-        hidden,
-        weight,
-        bias.contiguous() if bias is not None else lse,  # placeholder, never read
-        targets,
+    _k._logit_grad_kernel[(triton.cdiv(weight.shape[0], BLOCK_V),)](
+        *_head_operands(hidden, weight, bias, targets, placeholder=lse),
         lse,
         entropy if has_ent else lse,
         g_logp,
         g_ent if has_ent else g_logp,
         dz_out,
         grad_b if grad_b is not None else lse,
-        num_rows,
-        vocab,
-        width,
-        hidden.stride(0),
-        weight.stride(0),
-        inv_temp,
-        HAS_BIAS=bias is not None,
+        *_head_scalars(hidden, weight, inv_temp),
         HAS_ENT_GRAD=has_ent,
         NEED_DB=grad_b is not None,
         ROUND_BF16=dz_out.dtype == torch.bfloat16,
-        DOT_FP32=_dot_fp32(hidden, weight),
-        BLOCK_M=BLOCK_M,
-        BLOCK_V=BLOCK_V,
-        BLOCK_H=BLOCK_H,
+        **_head_flags(hidden, weight, bias),
     )
 
 
+@torch.library.custom_op(f"{_NS}::linear_logprobs_backward", mutates_args=())
 def lse_backward(
-    g_logp,
-    g_ent,
-    hidden,
-    weight,
-    targets,
-    bias,
-    lse,
-    entropy,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
     inv_temp: float,
     rows: int,
     need_h: bool,
     need_w: bool,
     need_b: bool,
-):
-    """(d hidden [M, H], d weight [V, H], d bias [V]) fp32; unneeded ones are [0]-shaped.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden [M, H], d weight [V, H], d bias [V]) fp32; unneeded ones are [0]-shaped. The
+    registered backward op of ``linear_logprobs`` (its fake kernel is below).
 
     The logit gradient of each chunk goes through a [rows, V] buffer of ``gemm_dtype``."""
     hidden, weight = _rows_ready(hidden), _rows_ready(weight)
@@ -268,56 +266,9 @@ def _(hidden, weight, targets, bias, inv_temp, want_entropy, chunk_rows):
     )
 
 
-@torch.library.custom_op(f"{_NS}::linear_logprobs_backward", mutates_args=())
-def linear_logprobs_backward_op(
-    g_logp: torch.Tensor,
-    g_ent: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    inv_temp: float,
-    chunk_rows: int,
-    need_h: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight, d bias) fp32 (unneeded ones have shape [0])."""
-    return lse_backward(
-        g_logp,
-        g_ent,
-        hidden,
-        weight,
-        targets,
-        bias,
-        lse,
-        entropy,
-        inv_temp,
-        chunk_rows,
-        need_h,
-        need_w,
-        need_b,
-    )
-
-
-@linear_logprobs_backward_op.register_fake
-def _(
-    g_logp,
-    g_ent,
-    hidden,
-    weight,
-    targets,
-    bias,
-    lse,
-    entropy,
-    inv_temp,
-    chunk_rows,
-    need_h,
-    need_w,
-    need_b,
-):
+@lse_backward.register_fake
+def _(g_logp, g_ent, hidden, weight, targets, bias, *rest):
+    need_h, need_w, need_b = rest[-3:]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
         torch.empty(tuple(hidden.shape) if need_h else (0,), **f32),
@@ -343,21 +294,9 @@ def _backward(ctx, g_logp, g_lse, g_ent):
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     g_ent = g_ent if ctx.want_entropy else None
-    d_h, d_w, d_b = linear_logprobs_backward_op(
-        g_logp,
-        g_ent,
-        hidden,
-        weight,
-        targets,
-        bias,
-        lse,
-        entropy,
-        ctx.inv_temp,
-        ctx.chunk_rows,
-        need_h,
-        need_w,
-        need_b,
-    )
+    saved = (hidden, weight, targets, bias, lse, entropy)
+    flags = (ctx.inv_temp, ctx.chunk_rows, need_h, need_w, need_b)
+    d_h, d_w, d_b = lse_backward(g_logp, g_ent, *saved, *flags)
     return (
         d_h.to(hidden.dtype) if need_h else None,
         d_w.to(weight.dtype) if need_w else None,

@@ -5,17 +5,26 @@ Forward, ``_policy_fwd_kernel``: one program per block of ``BLOCK_S`` steps walk
 padding in memory: masked lanes are never loaded), and for each step writes one row of the
 per-step table ``table`` [S, NUM_COLS] (fp32): its weighted loss, KL and stats sums, and the
 coefficients the backward needs. Per token it reads logp, old_logp (and ref_logp with KL).
+``step_loss_finish._policy_finish_kernel`` then reduces the table to the loss and the stats.
 
 - ratio "token": every token is a unit (PPO); its loss, clip flags and d L / d A are summed
   over the step with the step's uniform per-token weight.
 - ratio "step": l_s = sum_i x_i / n_s ** p from the tile sums, then the unit terms.
-- ratio "trajectory": the step kernel only writes the log-ratio sums; the launcher reduces them
-  per trajectory (segment kernels) and ``_policy_unit_kernel`` applies the unit terms per step.
+- ratio "trajectory": the step kernel only writes the log-ratio sums (and the KL part of the
+  step-weight derivative); the launcher reduces them per trajectory (segment kernels) and
+  ``_policy_unit_kernel`` applies the unit terms per step.
+
+Weights: every unit weight is w_u = b_u * sw_s, the base b_u fixed by ``agg`` (1, n_s, 1/n_s
+or 1/c_b; c_b counts the units of steps with sw > 0, so it does not vary with the values of
+sw) times the step weight. Hence d w_u / d sw_s = b_u, and the table keeps per step
+``COL_DSW`` = sum_u b_u L_u + kl_coef sum_t b'_t KL_t and ``COL_BASE_W`` = sum_u b_u, from
+which the backward forms d loss / d sw_s = (DSW_s - [D = sum_u w_u] loss BASE_W_s) / D.
 
 Backward, ``_policy_bwd_kernel``: the same tiling writes d logp (and d old_logp, d ref_logp
 when asked) for every action token in one pass: ``d x_i = DLR_s`` (a per-step coefficient from
 the forward) for step/trajectory ratios, recomputed per token for token ratios, plus the KL
-term's per-token derivative. Everything is scaled by ``d loss / D``.
+term's per-token derivative; and per step d advantages and d step_weight. Everything is scaled
+by ``d loss / D``, read from device memory (no host sync).
 
 Masking: a step with ``step_weight == 0`` is invalid: its tokens and advantage are replaced by 0
 with ``tl.where`` before any arithmetic (NaN/inf garbage there gives zero loss and gradient).
@@ -40,8 +49,11 @@ COL_WAKL = tl.constexpr(9)  # sum of w'_t * (old_logp_t - logp_t)
 COL_DLR = tl.constexpr(10)  # d(sum_u w_u L_u) / d x_i per token of the step (step/traj ratios)
 COL_DADV = tl.constexpr(11)  # d(sum_u w_u L_u) / d A_s
 COL_TOK_W = tl.constexpr(12)  # per-token weight w'_t of the step (token units, KL term)
-COL_UNIT_W = tl.constexpr(13)  # weight w_s of the step as a unit (step/trajectory ratios)
-NUM_COLS = 14
+COL_DSW = tl.constexpr(13)  # d(sum_u w_u L_u + kl_coef sum_t w'_t KL_t) / d sw_s
+COL_BASE_W = tl.constexpr(14)  # d(sum_u w_u) / d sw_s = sum of the step's unit bases b_u
+NUM_COLS = 15
+# Columns the finishing kernel reduces: sums, except RHO_MIN (min) and RHO_MAX (max).
+FINISH_COLS = tl.constexpr(10)
 
 RATIO_TOKEN, RATIO_STEP, RATIO_TRAJ = 0, 1, 2
 AGG_STEP, AGG_TOKEN, AGG_TRAJ = 0, 1, 2
@@ -104,6 +116,22 @@ def _length_pow(n, length_power):
 
 
 @triton.jit
+def _step_block(cu_ptr, sw_ptr, num_steps, HAS_WEIGHT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's ``BLOCK_S`` steps: (index s, s < S, first token, token count, step weight
+    (0 on invalid steps), valid = in range and weight > 0); the weight is 1 without HAS_WEIGHT."""
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < num_steps
+    start = tl.load(cu_ptr + s, mask=s_mask, other=0).to(tl.int64)
+    n_int = tl.load(cu_ptr + s + 1, mask=s_mask, other=0).to(tl.int64) - start
+    if HAS_WEIGHT:
+        sw = tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        sw = tl.where(s_mask, 1.0, 0.0)
+    valid = s_mask & (sw > 0)
+    return s, s_mask, start, n_int, tl.where(valid, sw, 0.0), valid
+
+
+@triton.jit
 def _policy_fwd_kernel(
     logp_ptr,  # [A] current log-probs (fp32/bf16/fp16)
     old_ptr,  # [A] rollout log-probs
@@ -120,6 +148,7 @@ def _policy_fwd_kernel(
     clip_low,  # rho clipped below at 1 - clip_low
     clip_high,  # rho clipped above at 1 + clip_high
     dual_clip,  # dual-clip constant (HAS_DUAL only)
+    kl_coef,  # weight of the KL term (enters COL_DSW only)
     RATIO: tl.constexpr,  # 0 token, 1 step, 2 trajectory
     AGG: tl.constexpr,  # 0 step-mean, 1 token-mean, 2 traj-mean
     KL_TYPE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3
@@ -129,27 +158,20 @@ def _policy_fwd_kernel(
     BLOCK_S: tl.constexpr,  # steps per program
     BLOCK_T: tl.constexpr,  # tokens per step per loop iteration
 ):
-    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_mask = s < num_steps
-    start = tl.load(cu_ptr + s, mask=s_mask, other=0).to(tl.int64)
-    n_int = tl.load(cu_ptr + s + 1, mask=s_mask, other=0).to(tl.int64) - start
+    s, s_mask, start, n_int, sw, valid = _step_block(cu_ptr, sw_ptr, num_steps, HAS_WEIGHT, BLOCK_S)
     n = tl.maximum(n_int, 1).to(tl.float32)
-    if HAS_WEIGHT:
-        sw = tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        sw = tl.where(s_mask, 1.0, 0.0)
-    valid = s_mask & (sw > 0)
     adv = tl.where(valid, tl.load(adv_ptr + s, mask=s_mask, other=0.0).to(tl.float32), 0.0)
-    sw = tl.where(valid, sw, 0.0)
+    # unit bases b (w = b * sw); also defined on zero-weight steps: d w / d sw = b there too
     if AGG == 0:
-        tok_w = sw / n
-        unit_w = sw
+        tok_base = 1.0 / n
+        unit_base = tl.full([BLOCK_S], 1.0, tl.float32)
     elif AGG == 1:
-        tok_w = sw
-        unit_w = sw * n
+        tok_base = tl.full([BLOCK_S], 1.0, tl.float32)
+        unit_base = n
     else:
-        tok_w = sw * tl.load(tok_base_ptr + s, mask=valid, other=0.0)
-        unit_w = sw * tl.load(unit_base_ptr + s, mask=valid, other=0.0)
+        tok_base = tl.load(tok_base_ptr + s, mask=s_mask, other=0.0)
+        unit_base = tl.load(unit_base_ptr + s, mask=s_mask, other=0.0)
+    tok_w = sw * tok_base
 
     acc_lr = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
@@ -186,15 +208,17 @@ def _policy_fwd_kernel(
             acc_kl += tl.where(m, k, 0.0)
 
     lr_sum = tl.sum(acc_lr, axis=1)
+    kl_sum = tl.sum(acc_kl, axis=1)
     row = table_ptr + s * NUM_COLS
     tl.store(lr_sum_ptr + s, lr_sum, mask=s_mask)
-    tl.store(row + COL_WK, tok_w * tl.sum(acc_kl, axis=1), mask=s_mask)
+    tl.store(row + COL_WK, tok_w * kl_sum, mask=s_mask)
     tl.store(row + COL_TOKW, tok_w * n, mask=s_mask)
     tl.store(row + COL_WAKL, -tok_w * lr_sum, mask=s_mask)
     tl.store(row + COL_TOK_W, tok_w, mask=s_mask)
+    kl_dsw = kl_coef * tok_base * kl_sum  # the KL term's part of COL_DSW
     if RATIO == 0:
-        tl.store(row + COL_UNIT_W, tok_w, mask=s_mask)
-        tl.store(row + COL_WL, tok_w * tl.sum(acc_loss, axis=1), mask=s_mask)
+        loss_sum = tl.sum(acc_loss, axis=1)
+        tl.store(row + COL_WL, tok_w * loss_sum, mask=s_mask)
         tl.store(row + COL_W, tok_w * n, mask=s_mask)
         tl.store(row + COL_WCLIP, tok_w * tl.sum(acc_clip, axis=1), mask=s_mask)
         tl.store(row + COL_WDUAL, tok_w * tl.sum(acc_dual, axis=1), mask=s_mask)
@@ -203,16 +227,19 @@ def _policy_fwd_kernel(
         tl.store(row + COL_RHO_MAX, tl.max(rho_max, axis=1), mask=s_mask)
         tl.store(row + COL_DADV, tok_w * tl.sum(acc_dadv, axis=1), mask=s_mask)
         tl.store(row + COL_DLR, tl.zeros([BLOCK_S], dtype=tl.float32), mask=s_mask)
+        tl.store(row + COL_DSW, tok_base * loss_sum + kl_dsw, mask=s_mask)
+        tl.store(row + COL_BASE_W, tok_base * n, mask=s_mask)
     else:
-        tl.store(row + COL_UNIT_W, unit_w, mask=s_mask)
+        tl.store(row + COL_BASE_W, unit_base, mask=s_mask)
         if RATIO == 1:
             norm = _length_pow(n, length_power)
             _store_unit_terms(
                 row,
                 lr_sum / norm,
                 adv,
-                unit_w,
-                valid,
+                sw,
+                unit_base,
+                kl_dsw,
                 s_mask,
                 1.0 / norm,
                 clip_low,
@@ -220,6 +247,8 @@ def _policy_fwd_kernel(
                 dual_clip,
                 HAS_DUAL,
             )
+        else:
+            tl.store(row + COL_DSW, kl_dsw, mask=s_mask)  # the unit kernel adds the unit part
 
 
 @triton.jit
@@ -227,8 +256,9 @@ def _store_unit_terms(
     row,  # [BLOCK] pointers to the steps' table rows
     log_ratio,  # [BLOCK] unit log-ratios
     adv,  # [BLOCK] advantages (0 on invalid steps)
-    unit_w,  # [BLOCK] unit weights w_s
-    valid,  # [BLOCK] step_weight > 0 and in range
+    sw,  # [BLOCK] step weights (0 on invalid steps)
+    unit_base,  # [BLOCK] unit bases b_s (unit weight w_s = b_s * sw_s)
+    kl_dsw,  # [BLOCK] the KL term's part of COL_DSW
     s_mask,  # [BLOCK] step index in range
     d_l_scale,  # d l / d x_i of each token of the step: 1 / n_s ** p (1 for trajectories)
     clip_low,
@@ -237,20 +267,22 @@ def _store_unit_terms(
     HAS_DUAL: tl.constexpr,  # as in _unit_terms
 ):
     """Write the unit columns of steps that are units (step/trajectory ratios); COL_DLR gets
-    w_s * dL/dl * d_l_scale."""
+    w_s * dL/dl * d_l_scale, COL_DSW gets b_s * L_s + kl_dsw."""
     loss, d_l, d_a, clipped, dual, rho = _unit_terms(
         log_ratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL
     )
+    unit_w = sw * unit_base
     tl.store(row + COL_WL, unit_w * loss, mask=s_mask)
     tl.store(row + COL_W, unit_w, mask=s_mask)
     tl.store(row + COL_WCLIP, tl.where(clipped, unit_w, 0.0), mask=s_mask)
     tl.store(row + COL_WDUAL, tl.where(dual, unit_w, 0.0), mask=s_mask)
     tl.store(row + COL_WRHO, unit_w * rho, mask=s_mask)
-    counted = valid & (unit_w > 0)
+    counted = unit_w > 0  # sw is 0 on invalid steps
     tl.store(row + COL_RHO_MIN, tl.where(counted, rho, float("inf")), mask=s_mask)
     tl.store(row + COL_RHO_MAX, tl.where(counted, rho, float("-inf")), mask=s_mask)
     tl.store(row + COL_DADV, unit_w * d_a, mask=s_mask)
     tl.store(row + COL_DLR, unit_w * d_l * d_l_scale, mask=s_mask)
+    tl.store(row + COL_DSW, unit_base * loss + kl_dsw, mask=s_mask)
 
 
 @triton.jit
@@ -258,7 +290,7 @@ def _policy_unit_kernel(
     traj_l_ptr,  # [S] fp32: the trajectory log-ratio l_b of each step's trajectory
     adv_ptr,  # [S] advantages
     sw_ptr,  # [S] step weights (HAS_WEIGHT only)
-    table_ptr,  # [S, NUM_COLS] fp32 in/out: reads COL_UNIT_W, writes the unit columns
+    table_ptr,  # [S, NUM_COLS] fp32 in/out: reads COL_BASE_W, COL_DSW; writes the unit columns
     num_steps,  # S
     clip_low,  # as in _policy_fwd_kernel
     clip_high,  # as in _policy_fwd_kernel
@@ -271,15 +303,29 @@ def _policy_unit_kernel(
     s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     s_mask = s < num_steps
     if HAS_WEIGHT:
-        valid = s_mask & (tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32) > 0)
+        sw = tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
     else:
-        valid = s_mask
+        sw = tl.where(s_mask, 1.0, 0.0)
+    valid = s_mask & (sw > 0)
+    sw = tl.where(valid, sw, 0.0)
     adv = tl.where(valid, tl.load(adv_ptr + s, mask=s_mask, other=0.0).to(tl.float32), 0.0)
     row = table_ptr + s * NUM_COLS
-    unit_w = tl.load(row + COL_UNIT_W, mask=s_mask, other=0.0)
+    unit_base = tl.load(row + COL_BASE_W, mask=s_mask, other=0.0)
+    kl_dsw = tl.load(row + COL_DSW, mask=s_mask, other=0.0)
     log_ratio = tl.load(traj_l_ptr + s, mask=s_mask, other=0.0)
     _store_unit_terms(
-        row, log_ratio, adv, unit_w, valid, s_mask, 1.0, clip_low, clip_high, dual_clip, HAS_DUAL
+        row,
+        log_ratio,
+        adv,
+        sw,
+        unit_base,
+        kl_dsw,
+        s_mask,
+        1.0,
+        clip_low,
+        clip_high,
+        dual_clip,
+        HAS_DUAL,
     )
 
 
@@ -292,10 +338,14 @@ def _policy_bwd_kernel(
     sw_ptr,  # [S] step weights (HAS_WEIGHT only)
     cu_ptr,  # [S+1] cu_steps offsets
     table_ptr,  # [S, NUM_COLS] fp32 per-step table from the forward
-    scale_ptr,  # [1] fp32: d loss_out / D (upstream gradient over the denominator)
+    grad_ptr,  # [1] upstream gradient d out / d loss (any float dtype)
+    loss_ptr,  # [1] fp32 forward loss (NEED_SW and SW_IN_DENOM only)
+    denom_ptr,  # [1] fp32 forward denominator D (normalizer or sum_u w_u, 1 if that is 0)
     d_logp_ptr,  # [A] fp32 out: d loss / d logp
     d_old_ptr,  # [A] fp32 out: d loss / d old_logp (NEED_OLD only)
     d_ref_ptr,  # [A] fp32 out: d loss / d ref_logp (NEED_REF only)
+    d_adv_ptr,  # [S] fp32 out: d loss / d advantages
+    d_sw_ptr,  # [S] fp32 out: d loss / d step_weight (NEED_SW only)
     num_steps,  # S
     clip_low,  # as in the forward
     clip_high,  # as in the forward
@@ -307,20 +357,24 @@ def _policy_bwd_kernel(
     HAS_DUAL: tl.constexpr,  # dual clip on
     NEED_OLD: tl.constexpr,  # write d old_logp
     NEED_REF: tl.constexpr,  # write d ref_logp
+    NEED_SW: tl.constexpr,  # write d step_weight
+    SW_IN_DENOM: tl.constexpr,  # D = sum_u w_u (no normalizer): D varies with step_weight
     NUM_COLS: tl.constexpr,  # table row length
     BLOCK_S: tl.constexpr,  # steps per program
     BLOCK_T: tl.constexpr,  # tokens per step per loop iteration
 ):
-    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_mask = s < num_steps
-    start = tl.load(cu_ptr + s, mask=s_mask, other=0).to(tl.int64)
-    n_int = tl.load(cu_ptr + s + 1, mask=s_mask, other=0).to(tl.int64) - start
-    if HAS_WEIGHT:
-        valid = s_mask & (tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32) > 0)
-    else:
-        valid = s_mask
-    scale = tl.load(scale_ptr)
+    s, s_mask, start, n_int, _weight, valid = _step_block(
+        cu_ptr, sw_ptr, num_steps, HAS_WEIGHT, BLOCK_S
+    )
+    scale = tl.load(grad_ptr).to(tl.float32) / tl.load(denom_ptr)  # d out / d numerator
     row = table_ptr + s * NUM_COLS
+    tl.store(d_adv_ptr + s, scale * tl.load(row + COL_DADV, mask=s_mask, other=0.0), mask=s_mask)
+    if NEED_SW:
+        # d loss / d sw_s = (DSW_s - loss * d D / d sw_s) / D, d D / d sw_s = BASE_W_s
+        d_sw = tl.load(row + COL_DSW, mask=s_mask, other=0.0)
+        if SW_IN_DENOM:
+            d_sw -= tl.load(loss_ptr) * tl.load(row + COL_BASE_W, mask=s_mask, other=0.0)
+        tl.store(d_sw_ptr + s, scale * d_sw, mask=s_mask)
     tok_w = tl.load(row + COL_TOK_W, mask=s_mask, other=0.0)
     d_lr_step = tl.load(row + COL_DLR, mask=s_mask, other=0.0)
     adv = tl.where(valid, tl.load(adv_ptr + s, mask=s_mask, other=0.0).to(tl.float32), 0.0)

@@ -1,14 +1,16 @@
-"""Launchers of the fused step policy loss kernels (``step_loss.py``): grids, placeholders,
-the O(S) trajectory pre/post-processing and the O(S) torch epilogue (loss and stats).
+"""Launchers of the fused step policy loss kernels (``step_loss.py``, ``step_loss_finish.py``):
+grids, placeholders and the O(S) trajectory pre/post-processing.
 
 Forward launches (S steps, B trajectories, A action tokens):
-- ratio "step"/"token" with agg "step-mean"/"token-mean": one fused kernel over the tokens,
-  then an O(S) torch epilogue over the per-step table (loss, stats, no host sync).
-- agg "traj-mean" adds 2 segment reductions + 2 broadcasts over ``cu_trajs`` (O(S)).
+- ratio "step"/"token" with agg "step-mean"/"token-mean": 2 launches, the fused kernel over
+  the tokens (per-step table) and the one-program finishing kernel (loss, stats, denominator;
+  no host sync, no torch epilogue).
+- agg "traj-mean" adds 2 segment reductions + 2 broadcasts over ``cu_trajs`` (O(S)) and a few
+  O(B) torch ops for the per-trajectory counts.
 - ratio "trajectory" adds one reduction + one broadcast of the step log-ratio sums, the O(S)
   unit kernel, and one reduction + broadcast of the backward coefficients.
-Backward: one kernel over the tokens (d logp, and d old_logp / d ref_logp when asked) plus an
-O(S) product for d advantages.
+Backward: 1 launch, one kernel over the tokens (d logp, and d old_logp / d ref_logp when
+asked) that also writes d advantages and d step_weight per step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import triton
 
 from . import step_loss as _k
 from .segment import segment_expand, segment_reduce
+from .step_loss_finish import FINISH_BLOCK_S, _policy_finish_kernel, finish_cols
 
 BLOCK_S = 16  # steps per program
 BLOCK_T = 64  # tokens per step per loop iteration
@@ -54,7 +57,8 @@ def _traj_counts(cu_steps, cu_trajs, step_weight, num_steps):
 
 
 def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, o):
-    """Run the forward kernels. Returns (loss 0-d, stats [6], table [S, NUM_COLS]) fp32."""
+    """Run the forward kernels. Returns (loss 0-d, stats [6], denominator 0-d,
+    table [S, NUM_COLS]), all fp32."""
     logp, old_logp, advantages = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
     cu_steps = cu_steps.contiguous()
     device, num_steps = logp.device, advantages.shape[0]
@@ -91,6 +95,7 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             o.clip_low,
             o.clip_high,
             dual,
+            o.kl_coef,
             RATIO=o.ratio_level,
             AGG=o.agg,
             KL_TYPE=o.kl_type,
@@ -122,65 +127,49 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             segment_reduce(table[:, _k.COL_DLR.value].contiguous(), cu_trajs, mean=False) / norm_b
         )
         table[:, _k.COL_DLR.value] = segment_expand(coef_b, cu_trajs, num_steps, mean=False)
-    return _finish(table, o)
-
-
-def _denominator(total_w: torch.Tensor, normalizer: float | None) -> torch.Tensor:
-    if normalizer is not None:
-        return torch.full_like(total_w, normalizer)
-    return torch.where(total_w > 0, total_w, torch.ones_like(total_w))
-
-
-def _finish(table: torch.Tensor, o: LossOptions):
-    """Loss and the 6 stats (clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_min,
-    ratio_max) from the per-step table, as tensors (no host sync)."""
-    sums = table.sum(0)
-    if table.shape[0]:
-        rho_min, rho_max = (
-            table[:, _k.COL_RHO_MIN.value].min(),
-            table[:, _k.COL_RHO_MAX.value].max(),
-        )
-    else:
-        rho_min = rho_max = sums.new_ones(())
-    w, tok_w = sums[_k.COL_W.value], sums[_k.COL_TOKW.value]
-    denominator = _denominator(w, o.normalizer)
-    loss = (sums[_k.COL_WL.value] + o.kl_coef * sums[_k.COL_WK.value]) / denominator
-    safe_w = torch.where(w > 0, w, torch.ones_like(w))
-    one, zero = torch.ones_like(w), torch.zeros_like(w)
-    counted = w > 0
-    stats = torch.stack(
-        [
-            torch.where(counted, sums[_k.COL_WCLIP.value] / safe_w, zero),
-            torch.where(counted, sums[_k.COL_WDUAL.value] / safe_w, zero),
-            torch.where(
-                tok_w > 0, sums[_k.COL_WAKL.value] / torch.where(tok_w > 0, tok_w, one), zero
-            ),
-            torch.where(counted, sums[_k.COL_WRHO.value] / safe_w, one),
-            torch.where(counted, rho_min, one),
-            torch.where(counted, rho_max, one),
-        ]
+    f32 = dict(dtype=torch.float32, device=device)
+    loss, stats, denominator = torch.empty((), **f32), torch.empty(6, **f32), torch.empty((), **f32)
+    _policy_finish_kernel[(1,)](
+        table,
+        loss,
+        stats,
+        denominator,
+        num_steps,
+        o.kl_coef,
+        o.normalizer if o.normalizer is not None else 1.0,
+        HAS_NORMALIZER=o.normalizer is not None,
+        NUM_COLS=_k.NUM_COLS,
+        COLS=finish_cols(),
+        BLOCK_S=FINISH_BLOCK_S,
     )
-    return loss, stats, table
+    return loss, stats, denominator, table
 
 
 def policy_loss_backward(
-    grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, table, o, need_old, need_ref
+    grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, fwd, o, need
 ):
-    """(d logp, d old_logp, d ref_logp, d advantages), fp32; unneeded ones are empty."""
+    """(d logp [A], d old_logp, d ref_logp, d advantages [S], d step_weight), fp32.
+
+    ``fwd`` = (loss, denominator, table) from the forward; ``need`` = (need_old, need_ref,
+    need_sw): the unneeded gradients are [0]-shaped."""
+    loss, denominator, table = fwd
+    need_old, need_ref, need_sw = need
     logp, old_logp, advantages = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
     device, num_tokens, num_steps = logp.device, logp.shape[0], advantages.shape[0]
-    scale = grad.to(torch.float32) / _denominator(table[:, _k.COL_W.value].sum(), o.normalizer)
-    scale = scale.reshape(1).contiguous()
-    # The kernel writes every token of every step (cu_steps ends at A): no memset needed,
-    # except for d ref_logp when there is no KL term.
+    kl_type = o.kl_type if ref_logp is not None else _k.KL_NONE
+    # The kernel writes every token of every step (cu_steps ends at A) and every step: no
+    # memset, except for d ref_logp without a KL term and for an empty batch.
     d_logp = torch.empty(num_tokens, dtype=torch.float32, device=device)
     if num_steps == 0:
         d_logp.zero_()
     d_old = torch.empty_like(d_logp) if need_old else d_logp.new_empty(0)
-    d_ref = torch.zeros_like(d_logp) if need_ref else d_logp.new_empty(0)
-    d_adv = scale * table[:, _k.COL_DADV.value]
+    if not need_ref:
+        d_ref = d_logp.new_empty(0)
+    else:  # without a KL term ref_logp does not reach the loss: zero gradient
+        d_ref = torch.empty_like(d_logp) if kl_type else torch.zeros_like(d_logp)
+    d_adv = torch.empty(num_steps, dtype=torch.float32, device=device)
+    d_sw = torch.empty(num_steps if need_sw else 0, dtype=torch.float32, device=device)
     if num_steps > 0:
-        kl_type = o.kl_type if ref_logp is not None else _k.KL_NONE
         ref = ref_logp.contiguous() if kl_type else logp
         sw = step_weight.contiguous() if step_weight is not None else d_logp
         _k._policy_bwd_kernel[(triton.cdiv(num_steps, BLOCK_S),)](
@@ -191,10 +180,14 @@ def policy_loss_backward(
             sw,
             cu_steps.contiguous(),
             table,
-            scale,
+            grad.reshape(1).contiguous(),
+            loss,
+            denominator,
             d_logp,
             d_old if need_old else d_logp,
             d_ref if need_ref else d_logp,
+            d_adv,
+            d_sw if need_sw else d_adv,
             num_steps,
             o.clip_low,
             o.clip_high,
@@ -206,8 +199,10 @@ def policy_loss_backward(
             HAS_DUAL=o.dual_clip is not None,
             NEED_OLD=need_old,
             NEED_REF=need_ref and bool(kl_type),
+            NEED_SW=need_sw,
+            SW_IN_DENOM=o.normalizer is None,
             NUM_COLS=_k.NUM_COLS,
             BLOCK_S=BLOCK_S,
             BLOCK_T=BLOCK_T,
         )
-    return d_logp, d_old, d_ref, d_adv
+    return d_logp, d_old, d_ref, d_adv, d_sw

@@ -1,8 +1,8 @@
 """Registered ops (namespace ``steppo_fast_triton``) and the backend function of the fused
 step policy loss (kernels in ``step_loss.py``, launchers in ``step_loss_launch.py``).
 
-Differentiable w.r.t. logp, old_logp, ref_logp and advantages (not step_weight: the backend
-raises if step_weight requires grad). fp64 inputs go to the torch reference (gradcheck path).
+Differentiable w.r.t. logp, old_logp, advantages, step_weight and ref_logp (one backward
+kernel writes them all). fp64 inputs go to the torch reference (gradcheck path).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from steppo_fast.reference.loss import STAT_KEYS
 
 from . import step_loss as _k
 from .step_loss_launch import LossOptions, policy_loss_backward, policy_loss_forward
@@ -41,8 +43,8 @@ def step_policy_loss_op(
     dual_clip: float | None,
     kl_coef: float,
     normalizer: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss 0-d, stats [6], per-step table [S, NUM_COLS]), fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss 0-d, stats [6], denominator 0-d, per-step table [S, NUM_COLS]), fp32."""
     o = LossOptions(
         ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
     )
@@ -57,6 +59,7 @@ def _(logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, *op
     return (
         torch.empty((), **f32),
         torch.empty(6, **f32),
+        torch.empty((), **f32),
         torch.empty(advantages.shape[0], _k.NUM_COLS, **f32),
     )
 
@@ -70,6 +73,8 @@ def step_policy_loss_backward_op(
     cu_steps: torch.Tensor,
     step_weight: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
+    loss: torch.Tensor,
+    denominator: torch.Tensor,
     table: torch.Tensor,
     ratio_level: int,
     agg: int,
@@ -82,36 +87,29 @@ def step_policy_loss_backward_op(
     normalizer: float | None,
     need_old: bool,
     need_ref: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d logp [A], d old_logp [A] or [0], d ref_logp [A] or [0], d advantages [S]), fp32."""
+    need_sw: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d logp [A], d old_logp [A] or [0], d ref_logp [A] or [0], d advantages [S],
+    d step_weight [S] or [0]), fp32."""
     o = LossOptions(
         ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
     )
-    return policy_loss_backward(
-        grad,
-        logp,
-        old_logp,
-        advantages,
-        cu_steps,
-        step_weight,
-        ref_logp,
-        table,
-        o,
-        need_old,
-        need_ref,
-    )
+    inputs = (logp, old_logp, advantages, cu_steps, step_weight, ref_logp)
+    fwd = (loss, denominator, table)
+    return policy_loss_backward(grad, *inputs, fwd, o, (need_old, need_ref, need_sw))
 
 
 @step_policy_loss_backward_op.register_fake
-def _(grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, table, *rest):
-    need_old, need_ref = rest[-2], rest[-1]
+def _(grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, *rest):
+    need_old, need_ref, need_sw = rest[-3:]
     f32 = dict(dtype=torch.float32, device=logp.device)
-    num_tokens = logp.shape[0]
+    num_tokens, num_steps = logp.shape[0], advantages.shape[0]
     return (
         torch.empty(num_tokens, **f32),
         torch.empty(num_tokens if need_old else 0, **f32),
         torch.empty(num_tokens if need_ref else 0, **f32),
-        torch.empty(advantages.shape[0], **f32),
+        torch.empty(num_steps, **f32),
+        torch.empty(num_steps if need_sw else 0, **f32),
     )
 
 
@@ -120,42 +118,30 @@ _OPTION_NAMES = [f.name for f in dataclasses.fields(LossOptions)]
 
 def _setup(ctx, inputs, output):
     logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, *options = inputs
+    loss, _, denominator, table = output
     ctx.options = options
-    ctx.dtypes = (
-        logp.dtype,
-        old_logp.dtype,
-        advantages.dtype,
-        None if ref_logp is None else ref_logp.dtype,
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs[:7])
+    ctx.save_for_backward(
+        logp, old_logp, advantages, cu_steps, step_weight, ref_logp, loss, denominator, table
     )
-    ctx.save_for_backward(logp, old_logp, advantages, cu_steps, step_weight, ref_logp, output[2])
 
 
-def _backward(ctx, grad_loss, grad_stats, grad_table):
-    logp, old_logp, advantages, cu_steps, step_weight, ref_logp, table = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats, grad_denominator, grad_table):
     need = ctx.needs_input_grad
-    need_old, need_ref = bool(need[1]), bool(need[6])
-    d_logp, d_old, d_ref, d_adv = step_policy_loss_backward_op(
-        grad_loss,
-        logp,
-        old_logp,
-        advantages,
-        cu_steps,
-        step_weight,
-        ref_logp,
-        table,
-        *ctx.options,
-        need_old,
-        need_ref,
+    need_old, need_sw, need_ref = bool(need[1]), bool(need[5]), bool(need[6])
+    # saved: the op's inputs, then (loss, denominator, table), in the backward op's order
+    saved = ctx.saved_tensors
+    grads = step_policy_loss_backward_op(
+        grad_loss, *saved, *ctx.options, need_old, need_ref, need_sw
     )
-    t_logp, t_old, t_adv, t_ref = ctx.dtypes
+    # input order: logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp
+    d_logp, d_old, d_ref, d_adv, d_sw = grads
+    per_input = (d_logp, d_old, d_adv, None, None, d_sw, d_ref)
     return (
-        d_logp.to(t_logp) if need[0] else None,
-        d_old.to(t_old) if need_old else None,
-        d_adv.to(t_adv) if need[2] else None,
-        None,
-        None,
-        None,
-        d_ref.to(t_ref) if need_ref else None,
+        *(
+            g.to(dtype) if (g is not None and needed) else None
+            for g, dtype, needed in zip(per_input, ctx.dtypes, need[:7])
+        ),
         *([None] * len(_OPTION_NAMES)),
     )
 
@@ -211,11 +197,6 @@ def step_policy_loss(
             kl_type=kl_type,
             normalizer=normalizer,
         )
-    if step_weight is not None and step_weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "step_weight: the triton backend does not differentiate w.r.t. step_weight; "
-            "pass step_weight.detach() or use impl='torch'"
-        )
     o = LossOptions(
         ratio_level=_RATIO[ratio_level],
         agg=_AGG[agg],
@@ -227,7 +208,7 @@ def step_policy_loss(
         kl_coef=float(kl_coef),
         normalizer=None if normalizer is None else float(normalizer),
     )
-    loss, stats, _ = step_policy_loss_op(
+    loss, stats, _, _ = step_policy_loss_op(
         logp,
         old_logp,
         advantages,
@@ -237,5 +218,4 @@ def step_policy_loss(
         ref_logp if o.kl_type != _k.KL_NONE else None,
         **dataclasses.asdict(o),
     )
-    keys = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-    return loss, dict(zip(keys, stats.detach().unbind()))
+    return loss, dict(zip(STAT_KEYS, stats.detach().unbind()))

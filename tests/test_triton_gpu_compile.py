@@ -19,10 +19,10 @@ warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from steppo_fast.kernels import logprobs, scan, segment, step_loss
+from steppo_fast.kernels import logprobs, scan, segment, step_loss, step_loss_finish
 
 FLOATS = {"decay", "gamma", "length_power", "clip_low", "clip_high", "dual_clip", "inv_temp",
-          "kl_coef"}
+          "kl_coef", "normalizer"}
 
 
 def build(fn, constexprs, pointers=None):
@@ -47,12 +47,19 @@ for reverse in (True, False):
     build(scan._scan_aggregate_kernel, flags)
     build(scan._scan_apply_kernel, dict(flags, HAS_CARRY=True))
 build(scan._scan_carry_kernel, dict(BLOCK=1024))
+COLS = step_loss.NUM_COLS
 for ratio in (0, 1, 2):
     flags = dict(RATIO=ratio, KL_TYPE=3 - ratio, HAS_WEIGHT=True, HAS_DUAL=ratio != 1,
-                 NUM_COLS=14, BLOCK_S=16, BLOCK_T=64)
+                 NUM_COLS=COLS, BLOCK_S=16, BLOCK_T=64)
     build(step_loss._policy_fwd_kernel, dict(flags, AGG=ratio), {"logp_ptr": "*bf16"})
-    build(step_loss._policy_bwd_kernel, dict(flags, NEED_OLD=True, NEED_REF=True))
-build(step_loss._policy_unit_kernel, dict(HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=14, BLOCK=1024))
+    build(step_loss._policy_bwd_kernel, dict(flags, NEED_OLD=True, NEED_REF=True, NEED_SW=True,
+                                             SW_IN_DENOM=ratio != 0))
+build(step_loss._policy_unit_kernel, dict(HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=COLS,
+                                          BLOCK=1024))
+for has_normalizer in (True, False):
+    build(step_loss_finish._policy_finish_kernel, dict(
+        HAS_NORMALIZER=has_normalizer, NUM_COLS=COLS, COLS=step_loss_finish.finish_cols(),
+        BLOCK_S=step_loss_finish.FINISH_BLOCK_S))
 for dot_fp32, dtype in ((True, "*fp32"), (False, "*bf16"), (False, "*fp16")):
     pointers = {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "t_ptr": "*i64"}
     blocks = dict(DOT_FP32=dot_fp32, BLOCK_M=16, BLOCK_V=64, BLOCK_H=32, HAS_BIAS=True)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 from conftest import TOL
-from steppo_fast.kernels import step_loss_ops
+from steppo_fast.kernels import step_loss_launch, step_loss_ops
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from steppo_fast import step_policy_loss
 
@@ -213,26 +214,8 @@ def test_fp64_runs_the_reference_and_passes_gradcheck():
     assert torch.autograd.gradcheck(f, (logp,))
 
 
-def test_step_weight_requiring_grad_is_rejected():
-    b = make_batch()
-    with pytest.raises(ValueError, match="step_weight"):
-        step_policy_loss(
-            b["logp"],
-            b["old"],
-            b["adv"],
-            b["cu_steps"],
-            step_weight=b["weight"].requires_grad_(),
-            impl="triton",
-        )
-
-
-def test_registered_ops_pass_opcheck_and_trace_fullgraph():
-    b = make_batch()
-    cu_steps = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
-    cu_trajs = torch.tensor([0, 2, 3], dtype=torch.int32)
-    logp = b["logp"][:9].clone().requires_grad_()
-    old, ref, adv = b["old"][:9], b["ref"][:9].clone().requires_grad_(), b["adv"][:3]
-    weight = torch.tensor([1.0, 0.0, 2.0])
+def op_options(**overrides) -> dict:
+    """Scalar options of the registered op (ints for the choices, see step_loss_ops)."""
     options = dict(
         ratio_level=2,
         agg=2,
@@ -244,6 +227,17 @@ def test_registered_ops_pass_opcheck_and_trace_fullgraph():
         kl_coef=0.1,
         normalizer=None,
     )
+    return {**options, **overrides}
+
+
+def test_registered_ops_pass_opcheck_and_trace_fullgraph():
+    b = make_batch()
+    cu_steps = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    cu_trajs = torch.tensor([0, 2, 3], dtype=torch.int32)
+    logp = b["logp"][:9].clone().requires_grad_()
+    old, ref, adv = b["old"][:9], b["ref"][:9].clone().requires_grad_(), b["adv"][:3]
+    weight = torch.tensor([1.0, 0.0, 2.0], requires_grad=True)  # d step_weight too
+    options = op_options()  # trajectory ratio, traj-mean, k3, dual clip
     args = (logp, old, adv, cu_steps, cu_trajs, weight, ref)
     torch.library.opcheck(step_loss_ops.step_policy_loss_op, args, options)
 
@@ -254,7 +248,7 @@ def test_registered_ops_pass_opcheck_and_trace_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     compiled(logp).backward()
-    want = logp.detach().clone().requires_grad_()
+    want, want_weight = logp.detach().clone().requires_grad_(), weight.detach().requires_grad_()
     step_policy_loss(
         want,
         old,
@@ -263,10 +257,69 @@ def test_registered_ops_pass_opcheck_and_trace_fullgraph():
         cu_trajs=cu_trajs,
         ratio_level="trajectory",
         agg="traj-mean",
-        step_weight=weight,
+        step_weight=want_weight,
         ref_logp=ref.detach(),
         kl_coef=0.1,
         dual_clip=3.0,
         impl="torch",
     )[0].backward()
     torch.testing.assert_close(logp.grad, want.grad)
+    torch.testing.assert_close(weight.grad, want_weight.grad)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the name of every aten op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# what the launchers may run besides Triton kernels: allocations and views, plus the Triton
+# interpreter's own copies of the kernel arguments to and from its host buffers
+ALLOWED_OPS = {
+    "aten.empty.memory_format",
+    "aten.empty_like.default",
+    "aten.new_empty.default",
+    "aten.view.default",
+    "aten.set_.source_Storage",
+    "aten.set_.source_Storage_storage_offset",
+    "aten.copy_.default",
+}
+
+
+@pytest.mark.parametrize("ratio, agg", [("step", "step-mean"), ("token", "token-mean")])
+def test_forward_and_backward_run_no_torch_compute_op(ratio, agg):
+    """Forward = the token kernel + the finishing kernel, backward = one kernel: no torch
+    epilogue (no sum, min, where, division) around them."""
+    b = make_batch()
+    options = step_loss_launch.LossOptions(
+        **op_options(ratio_level=step_loss_ops._RATIO[ratio], agg=step_loss_ops._AGG[agg])
+    )
+    tensors = (b["logp"], b["old"], b["adv"], b["cu_steps"])
+    grad = torch.tensor(1.0)
+    with _RecordOps() as forward:
+        loss, _, denominator, table = step_loss_launch.policy_loss_forward(
+            *tensors, b["cu_trajs"], b["weight"], b["ref"], options
+        )
+    with _RecordOps() as backward:
+        grads = step_loss_launch.policy_loss_backward(
+            grad, *tensors, b["weight"], b["ref"], (loss, denominator, table), options, (True,) * 3
+        )
+    assert forward.names <= ALLOWED_OPS and backward.names <= ALLOWED_OPS
+    want = step_policy_loss(
+        *tensors,
+        step_weight=b["weight"],
+        ref_logp=b["ref"],
+        ratio_level=ratio,
+        agg=agg,
+        dual_clip=3.0,
+        kl_coef=0.1,
+        impl="torch",
+    )[0]
+    torch.testing.assert_close(loss, want)
+    assert all(g.numel() > 0 for g in grads)
