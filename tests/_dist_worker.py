@@ -12,10 +12,12 @@ can import them in the child processes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from steppo_fast import StepBatch
 from steppo_fast.envs import default_tokenizer, make_env
@@ -27,6 +29,7 @@ from steppo_fast.trainer.distributed import (
     global_traj_ids,
     rank_groups,
 )
+from steppo_fast.trainer.fsdp import ShardedModels
 from steppo_fast.trainer.loop import train_seed
 from steppo_fast.trainer.policy import Critic, build_policy
 from steppo_fast.trainer.rollout import rollout
@@ -42,6 +45,14 @@ CASES = (
     ("steppo", "sgd", 4),
     ("ppo", "sgd", 2),
     ("grpo", "sgd", 2),
+)
+# the same updates with the policy and critic sharded by FSDP2 (steppo_fast.trainer.fsdp); with
+# 4 mini-batches one rank runs zero-loss dummy micro-batches while the other trains
+FSDP_CASES = (
+    ("steppo", "adamw", 2),
+    ("steppo", "sgd", 4),
+    ("ppo", "sgd", 2),
+    ("grpo", "adamw", 2),
 )
 
 
@@ -71,7 +82,9 @@ def flat_params(models: Models) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> dict:
+def one_update(
+    algo: str, optim: str, minibatches: int, comm: Comm | None, shard: bool = False
+) -> dict:
     cfg = update_cfg(algo, minibatches)
     tok = default_tokenizer()
     torch.manual_seed(0)
@@ -79,6 +92,8 @@ def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> di
     critic = Critic(policy, shared=False).eval() if cfg.uses_critic else None
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     models = Models(policy, critic, reference, impl=cfg.impl)
+    init = flat_params(models).clone()
+    sharded = ShardedModels(models) if shard else None  # shards policy and critic in place
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
@@ -86,12 +101,12 @@ def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> di
         optimizer = torch.optim.SGD(groups, lr=0.5)
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    init = flat_params(models).clone()
+    infer = models if sharded is None else sharded.inference
 
     task_groups = [g for g in range(cfg.groups) for _ in range(cfg.group_size)]
     seeds = [train_seed(cfg.seed, 0, g, cfg.groups) for g in task_groups]
     res = rollout(
-        policy,
+        infer.policy,
         tok,
         lambda: make_env(cfg.env),
         seeds,
@@ -110,7 +125,7 @@ def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> di
         batch, masks = sel.batch, res.masks[full.actions_of_steps(sel.step_index)]
     value_units = "token" if algo == "ppo" else ("step" if cfg.uses_critic else None)
     with torch.no_grad():
-        out = forward(models, batch, masks, cfg.temperature, value_units)
+        out = forward(infer, batch, masks, cfg.temperature, value_units)
         ref_logp = reference_logprobs(reference, batch, masks, cfg.temperature, "padded", cfg.impl)
     targets = compute_targets_global(cfg, batch, out.values, comm)
     stats = ppo_update(
@@ -125,10 +140,25 @@ def one_update(algo: str, optim: str, minibatches: int, comm: Comm | None) -> di
         torch.Generator().manual_seed(1),
         comm=comm,
         traj_ids=traj_ids,
+        sharded=sharded,
     )
+    held = {}  # elements this rank holds: parameters, and AdamW/SGD state tensors
+    if sharded is not None:
+        sharded.refresh()
+        assert all(isinstance(p, DTensor) for p in policy.parameters())  # really sharded
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        held["params"] = sum(p.to_local().numel() for p in params)
+        held["full"] = sum(p.numel() for p in params)
+        held["state"] = sum(
+            v.to_local().numel()
+            for st in optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, DTensor)
+        )
     return {
+        "held": held,
         "init": init,
-        "params": flat_params(models),
+        "params": flat_params(infer),
         "stats": stats,
         "num_trajs": batch.num_trajs,
         "num_mbs_full": len(full.microbatches(cfg.micro_batch_tokens)),
@@ -159,9 +189,21 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     comm = Comm(rank, world)
     results = {case: one_update(*case, comm) for case in CASES}
+    results.update({("fsdp", *case): one_update(*case, comm, shard=True) for case in FSDP_CASES})
+    # a 1-iteration run (FSDP by default) that saves a checkpoint; the test resumes it on 1 rank
     trainer = DistributedTrainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm)
     trainer.train()
-    results["trained"] = flat_params(trainer.models)
+    results["sharded"] = trainer.sharded is not None
+    results["trained"] = flat_params(trainer.inference_models())
     results["rows"] = trainer.rows
+    # the single-process checkpoint the test made in <out>/single, resumed on 2 sharded ranks:
+    # its state read back right after loading, then one more iteration
+    cfg = dataclasses.replace(train_cfg(os.path.join(out_dir, "single"), iters=2), resume=True)
+    resumed = DistributedTrainer(cfg, comm)
+    resumed.prepare_run_dir()
+    state = resumed.state()  # every rank: gathers the sharded optimizer state
+    results["resumed"] = {k: state[k] for k in ("policy", "critic", "optimizer", "iteration")}
+    resumed.train()
+    results["resumed_rows"] = resumed.rows
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     comm.close()

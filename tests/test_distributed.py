@@ -15,7 +15,14 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-from _dist_worker import CASES, flat_params, one_update, train_cfg, worker  # noqa: E402
+from _dist_worker import (  # noqa: E402
+    CASES,
+    FSDP_CASES,
+    flat_params,
+    one_update,
+    train_cfg,
+    worker,
+)
 
 from steppo_fast.trainer.loop import Trainer  # noqa: E402
 
@@ -25,13 +32,17 @@ ATOL, RTOL = 1e-5, 1e-5  # fp32 (tests/conftest.py TOL[torch.float32])
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    torch.set_num_threads(1)  # a 1-rank run whose checkpoint the 2 sharded ranks resume
+    Trainer(train_cfg(str(out / "single"), iters=1)).train(log=lambda *a: None)
+    single = torch.load(out / "single" / "checkpoint.pt", weights_only=False)
     mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, ranks, single
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_two_rank_update_equals_one_rank(two_ranks, case):
-    _, ranks = two_ranks
+    _, ranks, _ = two_ranks
     torch.set_num_threads(1)
     single = one_update(*case, None)
     r0, r1 = ranks[0][case], ranks[1][case]
@@ -48,8 +59,50 @@ def test_two_rank_update_equals_one_rank(two_ranks, case):
         assert r0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_two_sharded_ranks_update_equals_one_rank(two_ranks, case):
+    """FSDP2: parameters, gradients and AdamW state sharded over 2 ranks; same update."""
+    _, ranks, _ = two_ranks
+    torch.set_num_threads(1)
+    single = one_update(*case, None)
+    r0, r1 = ranks[0][("fsdp", *case)], ranks[1][("fsdp", *case)]
+    assert 0 < r0["num_trajs"] < single["num_trajs"]
+    torch.testing.assert_close(r0["init"], single["init"], atol=0, rtol=0)
+    assert (single["params"] - single["init"]).abs().max() > 100 * ATOL
+    torch.testing.assert_close(r0["params"], r1["params"], atol=0, rtol=0)  # same gathered copy
+    # each rank holds about half of the parameters and optimizer state, together all of them
+    h0, h1 = r0["held"], r1["held"]
+    assert h0["params"] + h1["params"] == h0["full"]
+    assert max(h0["params"], h1["params"]) < 0.55 * h0["full"]
+    n_state = 2 if case[1] == "adamw" else 0  # exp_avg, exp_avg_sq per parameter element
+    assert h0["state"] + h1["state"] == n_state * h0["full"]
+    torch.testing.assert_close(r0["params"], single["params"], atol=ATOL, rtol=RTOL)
+    for key, value in single["stats"].items():
+        assert r0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_one_rank_checkpoint_resumes_under_two_sharded_ranks(two_ranks):
+    """A single-process checkpoint loads into the shards and reads back bit for bit (model and
+    AdamW state), and training continues."""
+    _, ranks, single = two_ranks
+    for rank in ranks:
+        got = rank["resumed"]
+        assert got["iteration"] == single["iteration"] == 1
+        for name in ("policy", "critic"):
+            for key, value in single[name].items():
+                torch.testing.assert_close(got[name][key], value, atol=0, rtol=0)
+        want, have = single["optimizer"], got["optimizer"]
+        assert want["param_groups"] == have["param_groups"]
+        assert sorted(want["state"]) == sorted(have["state"])
+        for i, st in want["state"].items():
+            for key, value in st.items():
+                torch.testing.assert_close(have["state"][i][key], value, atol=0, rtol=0)
+        assert [r["iter"] for r in rank["resumed_rows"]] == [1, 2]
+
+
 def test_checkpoint_of_two_ranks_resumes_under_one(two_ranks):
-    out, ranks = two_ranks
+    out, ranks, _ = two_ranks
+    assert ranks[0]["sharded"]  # the trainer shards by default under torchrun
     run = str(out / "run")
     assert os.path.isfile(os.path.join(run, "checkpoint.pt"))
     torch.testing.assert_close(ranks[0]["trained"], ranks[1]["trained"], atol=0, rtol=0)

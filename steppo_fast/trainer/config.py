@@ -77,6 +77,7 @@ class TrainConfig:
     resume: bool = False  # continue from <out>/checkpoint.pt
     threads: int = 1  # torch CPU threads (1 is fastest for tiny models on a busy machine)
     impl: str = "auto"  # backend of the steppo_fast ops: auto | torch | triton | cpp
+    shard: str = "fsdp"  # under torchrun: fsdp (FSDP2 fully_shard) | none (replicated parameters)
     # --- tiny model (model == "tiny")
     arch: str = "qwen2"  # qwen2 | llama
     hidden_size: int = 64
@@ -149,6 +150,7 @@ class TrainConfig:
             "critic": (self.critic, ("separate", "shared")),
             "layout": (self.layout, ("auto", "merged", "rows")),
             "forward": (self.forward, ("padded", "packed")),
+            "shard": (self.shard, ("fsdp", "none")),
             "kl_type": (self.kl_type, ("k1", "k2", "k3")),
             "ratio_level": (self.ratio_level, (None, "step", "token", "trajectory")),
             "agg": (self.agg, (None, "step-mean", "token-mean", "traj-mean")),

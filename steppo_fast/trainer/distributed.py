@@ -20,15 +20,14 @@ How the W-rank update equals the 1-rank update:
   gradient of the global mini-batch loss; clipping and AdamW see identical gradients on every
   rank, so the parameters stay replicated.
 
-Sharding: parameters are replicated and gradients all-reduced once per optimizer step
-(DDP-equivalent). ``torch.distributed.fsdp.fully_shard`` does run on CPU/gloo in torch 2.13
-(checked), but FSDP issues collectives inside every forward/backward, so every rank must run the
-same number of forwards; here that number depends on the local data (KV-cached rollout steps,
-padded buckets, token-budget micro-batches), so sharding would need lock-step padding of all of
-them. That is not implemented: this module is data parallelism without parameter sharding.
+Sharding (``cfg.shard``): ``"fsdp"`` (default) shards the policy and critic with FSDP2
+``fully_shard`` (:mod:`steppo_fast.trainer.fsdp`: gradients reduce-scattered as sums, lock-step
+dummy micro-batches, rollouts on a full inference copy refreshed after each update);
+``"none"`` keeps full replicas and all-reduces the gradients once per optimizer step
+(:meth:`Comm.all_reduce_grads`, DDP-equivalent).
 
-Checkpoints: the parameters are replicated, so rank 0 writes the single-process format
-(plus every rank's sampling-generator state); a checkpoint resumes under any number of ranks.
+Checkpoints: rank 0 writes the single-process format with full tensors (plus every rank's
+sampling-generator state); a checkpoint resumes under any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
 from .config import TrainConfig
 from .loop import CHECKPOINT, Trainer, _k3, episode_stats, train_seed, update_fields
-from .update import forward, ppo_update, reference_logprobs
+from .update import Models, forward, ppo_update, reference_logprobs
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,12 @@ class Comm:
         """Element-wise sum over ranks of a list of numbers (in float64)."""
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(t)
+        return t.tolist()
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks of a list of numbers (in float64)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
@@ -159,6 +164,34 @@ class DistributedTrainer(Trainer):
             if module is not None:
                 comm.broadcast_params(module)
         self.sample_gen.manual_seed(self.cfg.seed + 1_000_003 * comm.rank)
+        self.sharded = None
+        if self.cfg.shard == "fsdp":
+            from .fsdp import ShardedModels
+
+            self.sharded = ShardedModels(self.models)  # shards policy and critic in place
+            self.optimizer = self.build_optimizer()  # over the DTensor shards
+
+    def inference_models(self) -> Models:
+        return self.models if self.sharded is None else self.sharded.inference
+
+    def optimizer_state(self) -> dict:
+        if self.sharded is None:
+            return super().optimizer_state()
+        from .fsdp import full_optimizer_state
+
+        return full_optimizer_state(self.optimizer)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.sharded is None:
+            return super().load_optimizer_state(state)
+        from .fsdp import load_full_optimizer_state
+
+        load_full_optimizer_state(self.optimizer, state)
+
+    def load_model_states(self, state: dict) -> None:
+        if self.sharded is None:
+            return super().load_model_states(state)
+        self.sharded.load_full(state)
 
     # ------------------------------------------------------------------ run directory
     def prepare_run_dir(self) -> None:
@@ -171,8 +204,8 @@ class DistributedTrainer(Trainer):
     def save_checkpoint(self) -> None:
         states = [None] * self.comm.world
         dist.all_gather_object(states, self.sample_gen.get_state())
+        state = self.state()  # every rank: gathering sharded optimizer state is collective
         if self.is_main:
-            state = self.state()
             state["sample_gen_ranks"] = states
             from .runfiles import atomic_torch_save
 
@@ -208,7 +241,7 @@ class DistributedTrainer(Trainer):
         batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout)
         value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
         with torch.no_grad():
-            out = forward(models, batch, res.masks, cfg.temperature, value_units)
+            out = forward(self.inference_models(), batch, res.masks, cfg.temperature, value_units)
             ref_logp = None
             if models.reference is not None:
                 ref_logp = reference_logprobs(
@@ -235,7 +268,10 @@ class DistributedTrainer(Trainer):
                 on_step=bar.update,
                 comm=comm,
                 traj_ids=global_traj_ids(mine, cfg.group_size),
+                sharded=self.sharded,
             )
+        if self.sharded is not None:
+            self.sharded.refresh()  # rollouts, evaluation and checkpoints read the full copy
         t2 = time.perf_counter()
         self.iteration += 1
         n = len(res.trajectories)
@@ -252,7 +288,7 @@ class DistributedTrainer(Trainer):
                 ref_kl,
             ]
         )
-        (max_diff,) = _all_reduce_max([diff])
+        (max_diff,) = comm.all_reduce_max([diff])
         total = max(sums[0], 1.0)
         row = {"iter": self.iteration, **{k: sums[1 + i] / total for i, k in enumerate(local)}}
         row.update(
@@ -265,9 +301,3 @@ class DistributedTrainer(Trainer):
             ranks=comm.world,
         )
         return row
-
-
-def _all_reduce_max(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()

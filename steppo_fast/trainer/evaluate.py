@@ -1,4 +1,7 @@
-"""``steppo eval RUN_DIR``: reload a run's checkpoint and play held-out seeds."""
+"""``steppo eval RUN_DIR``: reload a run's checkpoint and play held-out seeds.
+
+The run's ``config.yaml`` names its ``--model``; the tokenizer is rebuilt the same way as in
+training (the word tokenizer for ``tiny``, the model directory's own tokenizer otherwise)."""
 
 from __future__ import annotations
 
@@ -46,13 +49,19 @@ def evaluate_run(run_dir: str, *, episodes: int = 200, greedy: bool = True, show
         f"episodes, {mode}: success {stats['success_rate']:.3f}, mean return "
         f"{stats['mean_return']:.3f}, episode length {stats['episode_len']:.2f}"
     )
-    tok = trainer.tokenizer
     for traj in res.trajectories[:show]:
         last = traj["steps"][-1]
         print(f"--- seed {traj['seed']} (success={traj['success']}):")
-        print(
-            tok.decode(last["prompt_ids"] + last["action_ids"])
-            .replace(" <obs> ", "\n  obs: ")
-            .replace(" <act> ", "\n  act: ")
-        )
+        print(transcript(trainer.tokenizer, last["prompt_ids"] + last["action_ids"]))
     return stats
+
+
+def transcript(tokenizer, ids: list[int]) -> str:
+    """Readable text of an episode's tokens: ``obs:`` / ``act:`` lines for the word tokenizer,
+    the model tokenizer's own plain-text framing (indented) otherwise."""
+    from ..envs.tokenizer import WordTokenizer
+
+    text = tokenizer.decode(ids)
+    if isinstance(tokenizer, WordTokenizer):
+        return text.replace(" <obs> ", "\n  obs: ").replace(" <act> ", "\n  act: ")
+    return "\n".join("  " + line for line in text.splitlines())

@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import StepBatch
-from ..envs import default_tokenizer, make_env
+from ..envs import make_env
 from .algorithms import compute_targets
 from .config import TrainConfig
 from .plot import plot_run
-from .policy import Critic, build_policy
+from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
 from .runfiles import atomic_torch_save, read_metrics, write_metrics
 from .update import Models, forward, ppo_update, reference_logprobs
@@ -66,7 +66,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg = cfg.resolved()
         torch.set_num_threads(cfg.threads)
-        self.tokenizer = default_tokenizer()
+        self.tokenizer = build_tokenizer(cfg)  # word vocabulary, or --model PATH's own
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         policy = build_policy(cfg, self.tokenizer).eval()
@@ -75,16 +75,26 @@ class Trainer:
         if cfg.kl_coef != 0:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.models = Models(policy, critic, reference, forward_mode=cfg.forward, impl=cfg.impl)
-        groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
-        if critic is not None:
-            groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = self.build_optimizer()
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.iteration = 0  # iterations completed
         self.wall_offset = 0.0  # wall seconds spent before a resume
         self.rows: list[dict] = []
         self.env_factory = lambda: make_env(cfg.env)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the policy (``lr``) then the critic (``critic_lr``) parameters."""
+        policy, critic = self.models.policy, self.models.critic
+        groups = [{"params": list(policy.parameters()), "lr": self.cfg.lr}]
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": self.cfg.critic_lr})
+        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+
+    def inference_models(self) -> Models:
+        """The models rollouts, evaluation and export run (``self.models`` in one process; the
+        gathered full copies under FSDP sharding)."""
+        return self.models
 
     # ------------------------------------------------------------------ run directory
     @property
@@ -109,14 +119,14 @@ class Trainer:
         self.cfg.save_yaml(self.path("config.yaml"))
 
     def state(self) -> dict:
-        m = self.models
+        m = self.inference_models()
         return {
             "iteration": self.iteration,
             "wall_s": self.wall_s(),
             "policy": m.policy.state_dict(),
             "critic": None if m.critic is None else m.critic.state_dict(),
             "reference": None if m.reference is None else m.reference.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "sample_gen": self.sample_gen.get_state(),
             "shuffle_gen": self.shuffle_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -129,13 +139,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        m = self.models
-        m.policy.load_state_dict(state["policy"])
-        if m.critic is not None:
-            m.critic.load_state_dict(state["critic"])
-        if m.reference is not None:
-            m.reference.load_state_dict(state["reference"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_model_states(state)
+        self.load_optimizer_state(state["optimizer"])
         self.sample_gen.set_state(state["sample_gen"])
         self.shuffle_gen.set_state(state["shuffle_gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -146,10 +151,29 @@ class Trainer:
             r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= self.iteration
         ]
 
+    def optimizer_state(self) -> dict:
+        """The optimizer's ``state_dict`` in the single-process format (full tensors)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load an optimizer ``state_dict`` written by :meth:`optimizer_state`."""
+        self.optimizer.load_state_dict(state)
+
+    def load_model_states(self, state: dict) -> None:
+        """Load the ``policy`` / ``critic`` / ``reference`` state dicts of a checkpoint."""
+        m = self.models
+        m.policy.load_state_dict(state["policy"])
+        if m.critic is not None:
+            m.critic.load_state_dict(state["critic"])
+        if m.reference is not None:
+            m.reference.load_state_dict(state["reference"])
+
     def export_model(self) -> None:
         """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``)."""
         final, tmp = self.path("model"), self.path("model.tmp")
-        self.models.policy.save_pretrained(tmp)
+        self.inference_models().policy.save_pretrained(tmp)
+        if hasattr(self.tokenizer, "save_pretrained"):  # a model tokenizer travels with it
+            self.tokenizer.save_pretrained(tmp)
         if os.path.isdir(final):
             old = self.path("model.old")
             os.replace(final, old)
@@ -172,7 +196,7 @@ class Trainer:
     def collect(self, seeds, groups, *, greedy: bool, generator, desc: str):
         with self._bar(len(seeds), desc) as bar:
             return rollout(
-                self.models.policy,
+                self.inference_models().policy,
                 self.tokenizer,
                 self.env_factory,
                 seeds,

@@ -7,13 +7,24 @@ tokens the grammar allows next::
 
 and every log-prob used in training (current, old, reference) is taken under the *same*
 ``mask_i``; otherwise ``logp - old_logp`` mixes two different distributions and the importance
-ratios are wrong. The rollout stores ``mask_i`` per action token (``[A, V]`` bool), which is
-cheap for the small vocabularies grammars are meant for (``A * V`` bytes), and
-:func:`masked_logprobs` applies it as ``-inf`` on the logits. Unmasked log-probs (no grammar) go
-through :func:`steppo_fast.linear_logprobs`, which never materialises ``[A, V]``.
+ratios are wrong. Two representations of the per-action-token allowed sets:
+
+- **dense** (the word tokenizer, :class:`GrammarMasks`): ``[A, V]`` bool, one row per action
+  token, applied as ``-inf`` on the full logits. Cheap for the 63-word vocabulary only.
+- **sparse** (a model's own tokenizer, :class:`TokenGrammar` -> :class:`SparseMasks`): each
+  action token stores the index of its allowed *set* (one set per grammar token prefix, a few
+  dozen sets of a few token ids each), so memory is ``8 A`` bytes plus the tiny set table,
+  never ``A x V`` (a real vocabulary has ~150k tokens). The log-probs gather only the ``U``
+  weight rows of the union of allowed ids: ``z = h @ W[u].T`` ([A, U]) and
+  ``logp = z[a] - logsumexp(z[allowed])``; nothing ``[A, V]`` is built.
+
+:func:`masked_logprobs` takes either. Unmasked log-probs (no grammar) go through
+:func:`steppo_fast.linear_logprobs`, which never materialises ``[A, V]``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -22,11 +33,13 @@ from ..envs.tokenizer import WordTokenizer
 
 
 class GrammarMasks:
-    """Token-level view of a word grammar: ``allowed(prefix_ids)`` -> ``[V]`` bool row.
+    """Dense token-level view of a word grammar: ``allowed(prefix_ids)`` -> ``[V]`` bool row.
 
     Rows are built once per grammar prefix and shared (the same tensor object for every action
     token with that prefix), so storing a row per action token costs a reference, not ``V``
     bytes, until the batch is stacked."""
+
+    sparse = False
 
     def __init__(self, grammar: Grammar, tokenizer: WordTokenizer):
         self.grammar, self.tokenizer = grammar, tokenizer
@@ -48,6 +61,149 @@ class GrammarMasks:
                 row = None
             self._rows[prefix_ids] = row
         return row
+
+
+class SparseMasks:
+    """Allowed-token sets of ``A`` action tokens, stored sparsely.
+
+    Attributes:
+        set_index: [A] int64, the allowed set of each action token.
+        set_ptr: [S + 1] int64 CSR offsets of the ``S`` sets into ``set_ids``.
+        set_ids: [nnz] int64, each set's allowed token ids (sorted within a set).
+
+    ``masks[index]`` (an int tensor or list of action indices) selects action tokens (sharing
+    the set table), as the trainer does for mini-batches."""
+
+    def __init__(self, set_index: torch.Tensor, set_ptr: torch.Tensor, set_ids: torch.Tensor):
+        self.set_index, self.set_ptr, self.set_ids = set_index, set_ptr, set_ids
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[torch.Tensor]) -> SparseMasks:
+        """Build from one allowed-id tensor per action token; rows that are the same tensor
+        object (one per grammar prefix) share one set."""
+        slot: dict[int, int] = {}
+        sets: list[torch.Tensor] = []
+        index = []
+        for row in rows:
+            k = slot.get(id(row))
+            if k is None:
+                k = slot[id(row)] = len(sets)
+                sets.append(row)
+            index.append(k)
+        sizes = torch.tensor([0] + [len(r) for r in sets], dtype=torch.long)
+        ids = torch.cat(sets).long() if sets else torch.zeros(0, dtype=torch.long)
+        return cls(torch.tensor(index, dtype=torch.long), sizes.cumsum(0), ids)
+
+    def __len__(self) -> int:
+        return int(self.set_index.numel())
+
+    def __getitem__(self, index) -> SparseMasks:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return SparseMasks(self.set_index[index], self.set_ptr, self.set_ids)
+
+    def row(self, i: int) -> torch.Tensor:
+        """Allowed token ids of action token ``i``."""
+        k = int(self.set_index[i])
+        return self.set_ids[self.set_ptr[k] : self.set_ptr[k + 1]]
+
+    def union_and_membership(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u [U] sorted union of allowed ids, allowed [A, U] bool)``."""
+        u, where = torch.unique(self.set_ids, return_inverse=True)
+        n_sets = self.set_ptr.numel() - 1
+        sizes = self.set_ptr[1:] - self.set_ptr[:-1]
+        table = torch.zeros(n_sets, u.numel(), dtype=torch.bool)
+        table[torch.repeat_interleave(torch.arange(n_sets), sizes), where] = True
+        return u, table[self.set_index]
+
+    def to_dense(self, vocab_size: int) -> torch.Tensor:
+        """``[A, V]`` bool (for tests and small vocabularies)."""
+        u, allowed = self.union_and_membership()
+        dense = torch.zeros(len(self), vocab_size, dtype=torch.bool)
+        dense[:, u] = allowed
+        return dense
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (self.set_index, self.set_ptr, self.set_ids)
+        )
+
+
+class TokenGrammar:
+    """A word grammar compiled to a token trie over a model tokenizer (sparse allowed sets).
+
+    Every complete action ``w_1 ... w_k`` becomes ``tokenizer.action_ids("w_1 ... w_k")`` (its
+    text after a space, then the end-of-action token). As the end token occurs only last, the
+    token sequences are prefix-free even when the tokenizer merges across words. ``allowed``
+    returns the *same* sorted id tensor for every query of one prefix (so
+    :meth:`SparseMasks.from_rows` stores each set once).
+
+    Raises ``ValueError`` when two actions encode to the same tokens, an action's tokens hold
+    the end token, or an action does not decode back to its text (the env would misread it)."""
+
+    sparse = True
+
+    def __init__(self, grammar: Grammar, tokenizer):
+        self.grammar, self.tokenizer = grammar, tokenizer
+        self.actions: dict[tuple[int, ...], str] = {}
+        nexts: dict[tuple[int, ...], set[int]] = {}
+        for words in grammar.actions():
+            text = " ".join(words)
+            ids = tuple(tokenizer.action_ids(text))
+            if tokenizer.end_id in ids[:-1]:
+                raise ValueError(f"grammar: action {text!r} encodes the end-of-action token")
+            if ids in self.actions:
+                raise ValueError(
+                    f"grammar: actions {self.actions[ids]!r} and {text!r} encode to the same tokens"
+                )
+            if tokenizer.action_text(ids) != text:
+                raise ValueError(
+                    f"grammar: action {text!r} decodes as {tokenizer.action_text(ids)!r}"
+                )
+            self.actions[ids] = text
+            for k in range(len(ids)):
+                nexts.setdefault(ids[:k], set()).add(ids[k])
+        self._allowed = {p: torch.tensor(sorted(s), dtype=torch.long) for p, s in nexts.items()}
+        self.max_len = max(len(a) for a in self.actions)
+
+    def allowed(self, prefix_ids: tuple[int, ...]) -> torch.Tensor | None:
+        """Sorted int64 ids allowed after ``prefix_ids``; ``None`` once the action is complete."""
+        if prefix_ids in self.actions:
+            return None
+        try:
+            return self._allowed[prefix_ids]
+        except KeyError:
+            raise ValueError(f"prefix: tokens {list(prefix_ids)} start no action") from None
+
+
+def make_grammar_masks(grammar: Grammar, tokenizer) -> GrammarMasks | TokenGrammar:
+    """Dense :class:`GrammarMasks` for the word tokenizer, sparse :class:`TokenGrammar` for a
+    model tokenizer (one with ``action_ids``)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return GrammarMasks(grammar, tokenizer)
+    return TokenGrammar(grammar, tokenizer)
+
+
+def sample_from_allowed(
+    logits: torch.Tensor,
+    allowed: Sequence[torch.Tensor],
+    *,
+    temperature: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_from_logits` with sparse allowed sets: row ``b`` of ``logits`` [B, V]
+    draws among the ids ``allowed[b]`` only (gathered, padded with ``-inf``)."""
+    idx = torch.nn.utils.rnn.pad_sequence(list(allowed), batch_first=True)  # [B, K]
+    sizes = torch.tensor([len(a) for a in allowed])
+    valid = torch.arange(idx.shape[1])[None, :] < sizes[:, None]
+    z = (logits.float().gather(1, idx) / temperature).masked_fill(~valid, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
+    if greedy:
+        k = logp_all.argmax(dim=-1)
+    else:
+        k = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+    return idx.gather(1, k[:, None]).squeeze(1), logp_all.gather(1, k[:, None]).squeeze(1)
 
 
 def sample_from_logits(
@@ -77,7 +233,7 @@ def masked_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | SparseMasks,
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -88,12 +244,14 @@ def masked_logprobs(
         hidden: [M, H] hidden states that predict the targets (any float dtype).
         weight: [V, H] output embedding; bias: optional [V].
         targets: [M] int64 token ids (each must be allowed by its mask row).
-        mask: [M, V] bool, True = allowed.
+        mask: [M, V] bool, True = allowed (materialises ``[M, V]``: small vocabularies); or
+            a :class:`SparseMasks` of M rows (only the ``U`` rows of ``weight`` in the union
+            of allowed ids are read: ``[M, U]``; every target must be allowed).
         temperature: > 0, the sampler's temperature.
 
     Returns:
         ``(logp [M], entropy [M])`` in fp32 (fp64 for fp64 inputs); differentiable w.r.t.
-        ``hidden``, ``weight``, ``bias``. Materialises ``[M, V]`` (small action vocabularies).
+        ``hidden``, ``weight``, ``bias``.
 
     Equivalent to::
 
@@ -101,6 +259,8 @@ def masked_logprobs(
         logp_all = log_softmax(z.masked_fill(~mask, -inf), -1)
         logp = logp_all.gather(1, targets[:, None])[:, 0]
     """
+    if isinstance(mask, SparseMasks):
+        return _sparse_masked_logprobs(hidden, weight, targets, mask, bias, temperature)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
@@ -111,4 +271,25 @@ def masked_logprobs(
     probs = logp_all.exp()
     # entropy = -sum p log p over allowed tokens (masked entries have p = 0 and would give nan)
     entropy = -(probs * logp_all.masked_fill(~mask, 0.0)).sum(-1)
+    return logp, entropy
+
+
+def _sparse_masked_logprobs(hidden, weight, targets, masks, bias, temperature):
+    """:func:`masked_logprobs` over the union ``u`` of allowed ids: ``[M, U]``, not ``[M, V]``."""
+    if len(masks) != targets.numel():
+        raise ValueError(f"mask: {len(masks)} rows for {targets.numel()} targets")
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    u, allowed = masks.union_and_membership()  # [U], [M, U]
+    col = torch.searchsorted(u, targets).clamp(max=max(u.numel() - 1, 0))
+    rows = torch.arange(targets.numel())
+    if targets.numel() and not bool((allowed[rows, col] & (u[col] == targets)).all()):
+        bad = int((~(allowed[rows, col] & (u[col] == targets))).nonzero()[0, 0])
+        raise ValueError(f"targets[{bad}]: token {int(targets[bad])} is not allowed by its mask")
+    z = hidden.to(dtype) @ weight[u].to(dtype).T
+    if bias is not None:
+        z = z + bias[u].to(dtype)
+    z = (z / temperature).masked_fill(~allowed, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(1, col[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all.masked_fill(~allowed, 0.0)).sum(-1)
     return logp, entropy

@@ -1,11 +1,16 @@
 """The policy (any HF causal LM), the critic, and their forward passes over a StepBatch.
 
+- :func:`build_tokenizer`: ``"tiny"`` -> the shipped word tokenizer; a directory holding
+  tokenizer files -> its own tokenizer (:class:`~.hf_tokenizer.HFTokenizer`, plain-text
+  framing); a directory without tokenizer files -> the word tokenizer only when the model's
+  vocabulary is exactly the word vocabulary (a ``steppo train`` export of a tiny run), else a
+  ``ValueError`` naming ``--model``.
 - :func:`build_policy`: ``"tiny"`` builds a random-init Qwen2/Llama from a config sized by the
   TrainConfig (vocabulary = the shipped word tokenizer); any other value is a local model
-  directory loaded with ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``.
-  A loaded model keeps its weights but is driven with the word tokenizer's ids (its vocabulary
-  must have at least ``len(tokenizer)`` rows); a directory written by ``steppo train``
-  (``runs/<name>/model``) round-trips exactly.
+  directory loaded with ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``
+  (its vocabulary must have at least ``len(tokenizer)`` rows; no embedding resize). A directory
+  written by ``steppo train`` (``runs/<name>/model``, with the tokenizer files when the run used
+  one) round-trips exactly.
 - :class:`Critic`: a value head ``Linear(H, 1)`` read at ``value_index`` (steps) or at
   ``logit_index`` (tokens, for token-level PPO), on its own backbone (``critic="separate"``,
   a copy of the policy's architecture) or on the policy's hidden states (``"shared"``).
@@ -25,8 +30,9 @@ import os
 import torch
 from torch import nn
 
-from ..envs.tokenizer import WordTokenizer
+from ..envs.tokenizer import WordTokenizer, default_tokenizer
 from .config import TrainConfig
+from .hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer
 
 FORWARD_MODES = ("padded", "packed")
 
@@ -53,7 +59,31 @@ def tiny_config(cfg: TrainConfig, tokenizer: WordTokenizer):
     return config
 
 
-def build_policy(cfg: TrainConfig, tokenizer: WordTokenizer) -> nn.Module:
+def build_tokenizer(cfg: TrainConfig) -> WordTokenizer | HFTokenizer:
+    """The tokenizer that drives ``cfg.model`` (see the module docstring for the rule)."""
+    if cfg.model == "tiny":
+        return default_tokenizer()
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"--model: {cfg.model!r} is neither 'tiny' nor a local model directory")
+    if has_tokenizer(cfg.model):
+        return HFTokenizer.from_pretrained(cfg.model)
+    from transformers import AutoConfig
+
+    words = default_tokenizer()
+    try:
+        rows = AutoConfig.from_pretrained(cfg.model, local_files_only=True).vocab_size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model: cannot load {cfg.model!r} ({str(e).splitlines()[0]})") from None
+    if rows != len(words):
+        raise ValueError(
+            f"--model: {cfg.model!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) and "
+            f"its vocabulary ({rows} rows) is not the {len(words)}-word vocabulary of "
+            "'steppo train' models; save the model's tokenizer beside it"
+        )
+    return words
+
+
+def build_policy(cfg: TrainConfig, tokenizer: WordTokenizer | HFTokenizer) -> nn.Module:
     """The policy LM (random init for ``"tiny"``, else loaded from a local directory)."""
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +101,9 @@ def build_policy(cfg: TrainConfig, tokenizer: WordTokenizer) -> nn.Module:
         raise ValueError(f"--model: cannot load {cfg.model!r} ({str(e).splitlines()[0]})") from None
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
-        raise ValueError(f"--model: vocabulary of {rows} rows < the {len(tokenizer)} word tokens")
+        raise ValueError(
+            f"--model: the model's vocabulary has {rows} rows < the tokenizer's {len(tokenizer)}"
+        )
     return model
 
 
@@ -101,14 +133,15 @@ class Critic(nn.Module):
 
 
 def hidden_states(
-    model: nn.Module, batch, mode: str = "padded", bucket_tokens: int = 8192
+    model: nn.Module, batch, mode: str = "padded", bucket_tokens: int | None = 8192
 ) -> torch.Tensor:
     """Last hidden states [N, H] (after the final norm) of every token of ``batch``.
 
     ``"padded"``: sequences sorted by length (longest first) are cut into buckets of at most
     ``bucket_tokens`` padded tokens (rows x longest row; a longer sequence gets a bucket of its
-    own); each bucket is one right-padded forward with a 2-D padding mask, so padding waste
-    stays small even in the rows layout. Each sequence is computed exactly as if alone (tested
+    own; ``None``: one bucket, i.e. exactly one forward per call, as FSDP's lock-step
+    collectives need); each bucket is one right-padded forward with a 2-D padding mask, so padding
+    waste stays small even in the rows layout. Each sequence is computed exactly as if alone (tested
     against per-sequence forwards). ``"packed"``: :func:`steppo_fast.modeling.packed_forward`."""
     if mode == "packed":
         from ..modeling import packed_forward
@@ -127,7 +160,9 @@ def hidden_states(
     i = 0
     while i < len(order):
         j = i + 1
-        while j < len(order) and (j - i + 1) * lens[order[i]] <= bucket_tokens:
+        while j < len(order) and (
+            bucket_tokens is None or (j - i + 1) * lens[order[i]] <= bucket_tokens
+        ):
             j += 1
         seqs = order[i:j]
         hidden, index = _padded_bucket(

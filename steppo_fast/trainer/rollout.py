@@ -17,14 +17,20 @@ Rows share one cache whose columns hold each row's real tokens plus pad columns;
 tokens only, so each row computes exactly what it would alone (tested against the packed
 training forward).
 
-Token format of one episode (also the StepBatch merged sequence)::
+Token format of one episode (also the StepBatch merged sequence), with the word tokenizer::
 
     <bos> <obs> o_0 ... <act> a_0 ... <obs> o_1 ... <act> a_1 ...
 
-``value_index`` of step t is its ``<act>`` token. Each step record is
-``{"prompt_ids", "action_ids", "reward", "logprobs", "anchor"}`` (DESIGN §2); trajectories are
-``{"steps", "terminated", "group"}`` plus ``success`` / ``return`` / ``seed`` for logging. The
-grammar mask rows of every action token, in StepBatch action order, are returned separately.
+and with a model's own tokenizer (:mod:`.hf_tokenizer`, plain text)::
+
+    [bos] "Observation: o_0\nAction:" " a_0" <end> "Observation: o_1\nAction:" ...
+
+``value_index`` of step t is its last prompt token (``<act>``, or the last token of
+"\nAction:"). Each step record is ``{"prompt_ids", "action_ids", "reward", "logprobs",
+"anchor"}`` (DESIGN §2); trajectories are ``{"steps", "terminated", "group"}`` plus
+``success`` / ``return`` / ``seed`` for logging. The grammar masks of every action token, in
+StepBatch action order, are returned separately: dense ``[A, V]`` bool with the word
+tokenizer, :class:`~.masking.SparseMasks` with a model tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 
 from ..envs.base import Env
 from ..envs.tokenizer import WordTokenizer
-from .masking import GrammarMasks, sample_from_logits
+from .masking import SparseMasks, make_grammar_masks, sample_from_allowed, sample_from_logits
 
 
 @dataclass
@@ -49,7 +55,7 @@ class _Row:
     context: list[int]  # every token so far (prompt + actions + observations)
     n_cached: int = 0  # how many context tokens are in the KV cache
     steps: list[dict] = field(default_factory=list)
-    masks: list[torch.Tensor] = field(default_factory=list)  # [V] bool per action token
+    masks: list[torch.Tensor] = field(default_factory=list)  # [V] bool / allowed ids per token
     action: list[int] = field(default_factory=list)  # the action being decoded
     action_logp: list[float] = field(default_factory=list)
     action_masks: list[torch.Tensor] = field(default_factory=list)
@@ -62,14 +68,33 @@ class _Row:
 @dataclass
 class RolloutResult:
     trajectories: list[dict]  # StepBatch.from_trajectories records (+ success/return/seed)
-    masks: torch.Tensor | None  # [A, V] bool in StepBatch action order, None without grammar
+    # [A, V] bool (word tokenizer) or SparseMasks (model tokenizer) in StepBatch action order;
+    # None without grammar
+    masks: torch.Tensor | SparseMasks | None
     generated_tokens: int  # action tokens drawn
     forward_calls: int
 
 
-def observation_ids(tokenizer: WordTokenizer, text: str) -> list[int]:
-    """``<obs> text <act>``: the tokens appended to the context for one observation."""
-    return [tokenizer.obs_id, *tokenizer.encode(text), tokenizer.act_id]
+def observation_ids(tokenizer, text: str, previous_action: list[int] | None = None) -> list[int]:
+    """The tokens appended to the context for one observation: ``<obs> text <act>`` (word
+    tokenizer) or the model tokenizer's framing (:meth:`HFTokenizer.observation_ids`)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return [tokenizer.obs_id, *tokenizer.encode(text), tokenizer.act_id]
+    return tokenizer.observation_ids(text, previous_action)
+
+
+def prompt_ids(tokenizer, first_observation: str) -> list[int]:
+    """The first context of an episode: ``<bos>`` + the framed first observation."""
+    if isinstance(tokenizer, WordTokenizer):
+        return [tokenizer.bos_id, *observation_ids(tokenizer, first_observation)]
+    return tokenizer.prompt_ids(first_observation)
+
+
+def action_text(tokenizer, ids: list[int]) -> str:
+    """The text the env receives for drawn action tokens (end-of-action tokens dropped)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer.decode([w for w in ids if w != tokenizer.end_id])
+    return tokenizer.action_text(ids)
 
 
 class _Cache:
@@ -122,7 +147,7 @@ class _Cache:
 @torch.no_grad()
 def rollout(
     model,
-    tokenizer: WordTokenizer,
+    tokenizer,
     make_env: Callable[[], Env],
     seeds: Sequence[int],
     groups: Sequence[int],
@@ -138,6 +163,7 @@ def rollout(
 
     Args:
         model: an HF causal LM over ``tokenizer``'s ids (put in eval mode by the caller).
+        tokenizer: the word tokenizer or an :class:`~.hf_tokenizer.HFTokenizer`.
         make_env: builds a fresh environment (one per episode).
         use_grammar: mask sampling with the env's grammar (if it declares one).
         temperature, greedy: sampling temperature / argmax decoding.
@@ -154,12 +180,10 @@ def rollout(
             raise RuntimeError(
                 f"env {getattr(env, 'name', env)!r} crashed in reset(seed={seed}): {e}"
             ) from e
-        rows.append(
-            _Row(env, int(seed), int(group), [tokenizer.bos_id, *observation_ids(tokenizer, first)])
-        )
+        rows.append(_Row(env, int(seed), int(group), prompt_ids(tokenizer, first)))
     grammar_masks = None
     if use_grammar and rows and rows[0].env.grammar is not None:
-        grammar_masks = GrammarMasks(rows[0].env.grammar, tokenizer)
+        grammar_masks = make_grammar_masks(rows[0].env.grammar, tokenizer)
     finished: list[_Row] = []
     cache = _Cache(model, tokenizer.pad_id)
     generated = 0
@@ -171,15 +195,28 @@ def rollout(
         logits = cache.feed(live)
         while True:
             mask_rows = None
-            if grammar_masks is not None:
+            if grammar_masks is None:
+                tokens, logps = sample_from_logits(
+                    logits, None, temperature=temperature, greedy=greedy, generator=generator
+                )
+            elif grammar_masks.sparse:
+                mask_rows = [grammar_masks.allowed(tuple(r.action)) for r in live]
+                # rows whose action is complete draw from any set; their draw is ignored
+                anyset = next(m for m in mask_rows if m is not None)
+                tokens, logps = sample_from_allowed(
+                    logits,
+                    [m if m is not None else anyset for m in mask_rows],
+                    temperature=temperature,
+                    greedy=greedy,
+                    generator=generator,
+                )
+            else:
                 mask_rows = [grammar_masks.allowed(tuple(r.action)) for r in live]
                 full = torch.ones(len(tokenizer), dtype=torch.bool)
                 mask = torch.stack([m if m is not None else full for m in mask_rows])
-            else:
-                mask = None
-            tokens, logps = sample_from_logits(
-                logits, mask, temperature=temperature, greedy=greedy, generator=generator
-            )
+                tokens, logps = sample_from_logits(
+                    logits, mask, temperature=temperature, greedy=greedy, generator=generator
+                )
             for i, r in enumerate(live):
                 if r.done_acting:
                     continue
@@ -204,9 +241,8 @@ def rollout(
         n_done = 0
         for i, r in enumerate(live):
             prompt = r.context[: len(r.context) - len(r.action)]
-            words = [w for w in r.action if w != tokenizer.end_id]
             anchor_key = r.env.state_key()
-            text = tokenizer.decode(words)
+            text = action_text(tokenizer, r.action)
             try:
                 obs, reward, terminated, truncated, info = r.env.step(text)
             except Exception as e:
@@ -230,7 +266,7 @@ def rollout(
                 finished.append(r)
                 n_done += 1
             else:
-                r.context.extend(observation_ids(tokenizer, obs))
+                r.context.extend(observation_ids(tokenizer, obs, r.action))
                 still.append(i)
         if on_step is not None:
             on_step(n_done)
@@ -238,10 +274,11 @@ def rollout(
             if still:
                 cache.keep(still)
             live = [live[i] for i in still]
-    return _collect(rows, grammar_masks is not None, generated, cache.calls)
+    masks_kind = None if grammar_masks is None else ("sparse" if grammar_masks.sparse else "dense")
+    return _collect(rows, masks_kind, generated, cache.calls)
 
 
-def _collect(rows: list[_Row], with_masks: bool, generated: int, calls: int) -> RolloutResult:
+def _collect(rows: list[_Row], masks_kind: str | None, generated: int, calls: int) -> RolloutResult:
     """Trajectory records in input order, anchors as ints, masks stacked in action order."""
     anchor_ids: dict[str, int] = {}
     trajectories, masks = [], []
@@ -259,5 +296,8 @@ def _collect(rows: list[_Row], with_masks: bool, generated: int, calls: int) -> 
             }
         )
         masks.extend(r.masks)
-    stacked = torch.stack(masks) if with_masks and masks else None
+    if masks_kind == "sparse":
+        stacked = SparseMasks.from_rows(masks)
+    else:
+        stacked = torch.stack(masks) if masks_kind == "dense" and masks else None
     return RolloutResult(trajectories, stacked, generated, calls)

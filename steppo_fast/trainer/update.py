@@ -30,6 +30,7 @@ class Models:
     reference: nn.Module | None  # frozen initial policy (KL penalty), None when kl_coef == 0
     forward_mode: str = "padded"  # see policy.hidden_states
     impl: str = "auto"  # backend of the steppo_fast ops (auto | torch | triton | cpp)
+    bucket_tokens: int | None = 8192  # padded forward buckets (None: one forward per call)
 
 
 @dataclass
@@ -73,13 +74,15 @@ def forward(
     models: Models, batch, masks: torch.Tensor | None, temperature: float, value_units: str | None
 ) -> ForwardOut:
     """Policy log-probs/entropies and (``value_units`` = "step" | "token") critic values."""
-    hidden = hidden_states(models.policy, batch, models.forward_mode)
+    hidden = hidden_states(models.policy, batch, models.forward_mode, models.bucket_tokens)
     logp, entropy = action_logprobs(models.policy, hidden, batch, masks, temperature, models.impl)
     values = None
     if value_units is not None and models.critic is not None:
         critic = models.critic
         if not critic.shared:
-            hidden = hidden_states(critic.backbone, batch, models.forward_mode)
+            hidden = hidden_states(
+                critic.backbone, batch, models.forward_mode, models.bucket_tokens
+            )
         index = batch.value_index if value_units == "step" else batch.logit_index
         values = critic.values(hidden, index)
     return ForwardOut(logp.float(), entropy.float(), values)
@@ -128,6 +131,7 @@ def ppo_update(
     on_step: Callable[[int], None] | None = None,
     comm=None,
     traj_ids: torch.Tensor | None = None,
+    sharded=None,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes over ``batch``; each pass splits the trajectories at random into
     ``cfg.minibatches`` mini-batches (one optimizer step each; ``on_step(1)`` after each, for
@@ -136,7 +140,12 @@ def ppo_update(
     Data-parallel (``comm``, a :class:`steppo_fast.trainer.distributed.Comm`): ``batch`` holds
     this rank's trajectories, ``traj_ids`` [T_local] their ids in the global batch; the
     permutation is drawn over the global ids, the normalisers, gradients and stats are summed
-    over ranks (see distributed.py). ``comm=None`` is the single-process update."""
+    over ranks (see distributed.py). ``comm=None`` is the single-process update.
+
+    FSDP (``sharded``, a :class:`steppo_fast.trainer.fsdp.ShardedModels`, with ``comm``): the
+    micro-batch forwards run through its sharded module, every rank pads its micro-batches of a
+    mini-batch to the largest count over ranks with zero-loss dummy forward/backwards (FSDP's
+    collectives must match), and FSDP reduce-scatters the gradients as sums."""
     value_units = (
         ("token" if targets.token_units else "step") if targets.returns is not None else None
     )
@@ -168,15 +177,18 @@ def ppo_update(
                 parts.append((mb, steps, cu_u, cu_t, d))
             norm = sum(p[4] for p in parts)
             n_values = sum(int(p[2].numel()) - 1 for p in parts)
+            n_dummy = 0
             if comm is not None:
                 norm, n_values = comm.all_reduce_sum([norm, n_values])
+            if sharded is not None:  # lock-step: the same number of forward/backward per rank
+                n_dummy = int(comm.all_reduce_max([len(parts)])[0]) - len(parts)
             if norm <= 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
             for mb, steps, cu_u, cu_t, d in parts:
                 actions = batch.actions_of_steps(steps)
                 units = _unit_index(batch, steps, targets.token_units)
-                out = forward(
+                out = (forward if sharded is None else sharded.forward)(
                     models,
                     mb.batch,
                     None if masks is None else masks[actions],
@@ -223,7 +235,9 @@ def ppo_update(
                     float(out.entropy.detach().mean()) if out.entropy.numel() else 0.0,
                     out.entropy.numel(),
                 )
-            if comm is not None:
+            for _ in range(n_dummy):
+                sharded.dummy_backward(cfg.temperature, value_units)
+            if comm is not None and sharded is None:
                 comm.all_reduce_grads(policy_params + critic_params)
             if cfg.grad_clip > 0:
                 gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip)

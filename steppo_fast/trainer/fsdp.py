@@ -1,0 +1,196 @@
+"""FSDP2 parameter sharding for the data-parallel trainer (``--shard fsdp``, the default under
+``torchrun``; see :mod:`steppo_fast.trainer.distributed` for the data-parallel part).
+
+Two copies of the trainable models live on each rank:
+
+- *training* (sharded): the policy and the critic sit under one FSDP root, :class:`TrainRoot`,
+  whose forward is one micro-batch forward (action log-probs, entropies, critic values). Every
+  decoder layer (the classes in the model's ``_no_split_modules``) is its own FSDP unit: its
+  parameters are all-gathered for its forward and backward and resharded after; its gradients
+  are reduce-scattered. The remaining parameters (embeddings, final norm, LM head, value head)
+  form the root unit. Gradients are reduce-scattered as **sums** (divide factor 1, sum-only
+  collectives, which gloo needs): each rank's loss is already its share of the global mean,
+  exactly as the replicated path's summed all-reduce. Parameters, gradients and AdamW moments
+  are held as ``1/W`` shards (``DTensor``).
+- *inference* (full, no autograd): a plain copy of the policy and critic that rollouts, the
+  old-log-prob and value pass, evaluation, checkpoints and export use. It is refreshed from the
+  shards after each update (:meth:`ShardedModels.refresh`: one all-gather per parameter), like
+  the weight sync into verl's rollout engine. These passes run a data-dependent number of
+  forwards per rank (KV-cached decoding until the rank's longest episode ends, length buckets),
+  which FSDP's per-forward collectives cannot allow.
+
+Lock step: FSDP issues collectives in every forward and backward, so every rank must run the
+same number of them. The training forward is one padded bucket per micro-batch
+(``bucket_tokens=None``), and a rank with fewer micro-batches in a mini-batch than the busiest
+rank runs zero-loss dummy micro-batches (:meth:`ShardedModels.dummy_backward`), which add exact
+zeros to the gradients.
+
+Memory per rank (P = trainable parameter count in fp32 bytes): training state ``4 P / W``
+(parameters, gradients, two AdamW moments) + the full inference copy ``P`` (+ the frozen
+reference ``P`` when ``kl_coef != 0``), against ``5 P`` (``6 P``) replicated.
+
+Checkpoints hold full tensors in the single-process format (:func:`full_optimizer_state`,
+:meth:`ShardedModels.load_full`), so a run resumes under any number of ranks, sharded or not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .. import StepBatch
+from .policy import backbone
+from .update import ForwardOut, Models, forward
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF model: modules whose class is in ``_no_split_modules``
+    (e.g. ``Qwen2DecoderLayer``), else the children of ``.layers``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found and hasattr(backbone(model), "layers"):
+        found = list(backbone(model).layers)
+    return found
+
+
+class TrainRoot(nn.Module):
+    """The FSDP root of the training models: ``forward`` = one micro-batch forward.
+
+    Returns plain tensors (``logp [A]``, ``entropy [A]``, ``values [S or A]``, empty when there
+    is no critic) so FSDP sees every output that backward starts from."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None, forward_mode: str, impl: str):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.forward_mode, self.impl = forward_mode, impl
+
+    def forward(self, batch, masks, temperature: float, value_units: str | None):
+        models = Models(
+            self.policy,
+            self.critic,
+            None,
+            forward_mode=self.forward_mode,
+            impl=self.impl,
+            bucket_tokens=None,  # exactly one forward per backbone and micro-batch
+        )
+        out = forward(models, batch, masks, temperature, value_units)
+        values = out.values if out.values is not None else out.logp.new_zeros(0)
+        # FSDP hooks backward on the outputs and warns on views (an in-place op on a view would
+        # drop its hook); these are [A] / [S] vectors, so the copies cost nothing
+        return tuple(t if t._base is None else t.clone() for t in (out.logp, out.entropy, values))
+
+
+def dummy_batch() -> StepBatch:
+    """A one-step, one-action batch (token id 0 everywhere) for lock-step dummy forwards."""
+    step = {"prompt_ids": [0, 0], "action_ids": [0], "reward": 0.0, "logprobs": [0.0]}
+    return StepBatch.from_trajectories([{"steps": [step], "terminated": True, "group": 0}])
+
+
+class ShardedModels:
+    """The sharded training modules of ``models`` and their full inference copy.
+
+    Shards ``models.policy`` and ``models.critic`` **in place** (their parameters become
+    ``DTensor`` shards: build the optimizer afterwards); ``models.reference`` stays a full,
+    frozen module shared with :attr:`inference`. Every rank must hold the same parameters when
+    this is called (broadcast first)."""
+
+    def __init__(self, models: Models):
+        def plain(module):
+            return None if module is None else copy.deepcopy(module).eval().requires_grad_(False)
+
+        self.inference = Models(
+            plain(models.policy),
+            plain(models.critic),
+            models.reference,
+            forward_mode=models.forward_mode,
+            impl=models.impl,
+        )
+        self.root = TrainRoot(models.policy, models.critic, models.forward_mode, models.impl)
+        for model in (models.policy, None if models.critic is None else models.critic.backbone):
+            if model is not None:
+                for layer in decoder_layers(model):
+                    fully_shard(layer)
+        fully_shard(self.root)
+        for module in self.root.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # sum over ranks, not mean
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        self._dummy = dummy_batch()
+
+    # ------------------------------------------------------------------ training
+    def forward(self, models, batch, masks, temperature: float, value_units: str | None):
+        """:func:`steppo_fast.trainer.update.forward` on the sharded modules (``models`` is
+        ignored: it is the signature ``ppo_update`` calls)."""
+        logp, entropy, values = self.root(batch, masks, temperature, value_units)
+        return ForwardOut(logp, entropy, values if value_units is not None else None)
+
+    def dummy_backward(self, temperature: float, value_units: str | None) -> None:
+        """One forward/backward whose loss is exactly 0: the same collectives as a real
+        micro-batch, zero added to every gradient."""
+        logp, _, values = self.root(self._dummy, None, temperature, value_units)
+        (logp.sum() * 0.0 + values.sum() * 0.0).backward()
+
+    def pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(sharded parameter, full inference parameter) of the policy then the critic."""
+        out = []
+        for name in ("policy", "critic"):
+            sharded, full = getattr(self.root, name), getattr(self.inference, name)
+            if sharded is not None:
+                out += list(zip(sharded.parameters(), full.parameters(), strict=True))
+        return out
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the current shards into the full inference copy (all ranks, collective)."""
+        for shard, full in self.pairs():
+            full.copy_(shard.full_tensor() if isinstance(shard, DTensor) else shard)
+
+    @torch.no_grad()
+    def load_full(self, state: dict) -> None:
+        """Load full ``policy`` / ``critic`` / ``reference`` state dicts (a checkpoint) into the
+        inference copy and this rank's shards (local slicing, no communication)."""
+        inf = self.inference
+        inf.policy.load_state_dict(state["policy"])
+        if inf.critic is not None:
+            inf.critic.load_state_dict(state["critic"])
+        if inf.reference is not None:
+            inf.reference.load_state_dict(state["reference"])
+        for shard, full in self.pairs():
+            if isinstance(shard, DTensor):
+                local = distribute_tensor(
+                    full, shard.device_mesh, shard.placements, src_data_rank=None
+                )
+                shard.to_local().copy_(local.to_local())
+            else:
+                shard.copy_(full)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every ``DTensor`` state gathered to a full tensor: the
+    single-process format (collective: call on every rank)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {
+        i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()}
+        for i, st in sorted(sd["state"].items())
+    }
+    return sd
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a single-process optimizer ``state_dict`` into an optimizer over ``DTensor`` shards:
+    each state tensor shaped like its parameter is sliced like it (no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {
+            k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
+            else v
+            for k, v in st.items()
+        }
+    optimizer.load_state_dict({**sd, "state": state})
