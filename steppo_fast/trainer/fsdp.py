@@ -153,12 +153,9 @@ class ShardedModels:
     def load_full(self, state: dict) -> None:
         """Load full ``policy`` / ``critic`` / ``reference`` state dicts (a checkpoint) into the
         inference copy and this rank's shards (local slicing, no communication)."""
-        inf = self.inference
-        inf.policy.load_state_dict(state["policy"])
-        if inf.critic is not None:
-            inf.critic.load_state_dict(state["critic"])
-        if inf.reference is not None:
-            inf.reference.load_state_dict(state["reference"])
+        from .loop import load_states
+
+        load_states(self.inference, state)
         for shard, full in self.pairs():
             if isinstance(shard, DTensor):
                 local = distribute_tensor(

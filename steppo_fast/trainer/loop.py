@@ -161,12 +161,7 @@ class Trainer:
 
     def load_model_states(self, state: dict) -> None:
         """Load the ``policy`` / ``critic`` / ``reference`` state dicts of a checkpoint."""
-        m = self.models
-        m.policy.load_state_dict(state["policy"])
-        if m.critic is not None:
-            m.critic.load_state_dict(state["critic"])
-        if m.reference is not None:
-            m.reference.load_state_dict(state["reference"])
+        load_states(self.models, state)
 
     def export_model(self) -> None:
         """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``)."""
@@ -316,6 +311,15 @@ class Trainer:
         if cfg.iters == self.iteration:
             self.export_model()
         return self.rows
+
+
+def load_states(models: Models, state: dict) -> None:
+    """Load a checkpoint's ``policy`` / ``critic`` / ``reference`` state dicts into ``models``."""
+    models.policy.load_state_dict(state["policy"])
+    if models.critic is not None:
+        models.critic.load_state_dict(state["critic"])
+    if models.reference is not None:
+        models.reference.load_state_dict(state["reference"])
 
 
 def _silent(*args, **kwargs) -> None:
