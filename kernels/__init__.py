@@ -5,8 +5,11 @@ Exposes functions named like the public ops, with the reference signatures minus
 Each op family is one kernel module (``segment``, ``scan``, ``step_loss``,
 ``logprobs``) plus one module registering its ``torch.library`` ops in the namespace
 ``steppo_fast_triton`` and holding the backend functions (``*_ops``); the step loss keeps its
-launchers apart (``step_loss_launch``). Layers: kernel -> launcher -> registered op
-(``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``) -> backend function.
+launchers apart (``step_loss_launch``). Every launcher takes its tile sizes, ``num_warps`` and
+``num_stages`` from ``_configs`` (small tiles on CPU for the interpreter, a static GPU table on
+CUDA chosen from the shapes; see bench/ROOFLINE.md, "Launch configurations"). Layers: kernel ->
+launcher -> registered op (``torch.library.custom_op`` + ``register_fake`` +
+``register_autograd``) -> backend function.
 
 Triton is imported when this package is imported (the kernels are ``@triton.jit`` functions);
 without triton the import fails with ImportError, which the dispatcher reports as "triton is not

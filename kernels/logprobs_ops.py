@@ -36,16 +36,13 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import _configs
 from . import logprobs as _k
 
 _NS = "steppo_fast_triton"
-BLOCK_M = 16  # rows per program (tl.dot needs >= 16)
-BLOCK_V = 64  # vocab entries per tile
-BLOCK_H = 32  # hidden slice per tl.dot
-MM_BLOCK_P = 64  # backward GEMM: output rows per program
-MM_BLOCK_Q = 64  # backward GEMM: output columns per program
-MM_BLOCK_K = 32  # backward GEMM: reduction slice per tl.dot
-MM_GROUP_P = 8  # backward GEMM: row tiles per launch group (L2 reuse)
+# Tile sizes (BLOCK_M rows, BLOCK_V vocabulary entries, BLOCK_H hidden slice; GEMM BLOCK_P x
+# BLOCK_Q x BLOCK_K, GROUP_P), num_warps and num_stages come from _configs: small on CPU (the
+# interpreter), tensor-core sized on CUDA.
 
 
 def _dot_fp32(*tensors) -> bool:
@@ -57,6 +54,11 @@ def _dot_fp32(*tensors) -> bool:
     return len(dtypes) > 1 or any(
         t.device.type == "cpu" or t.dtype == torch.float32 for t in tensors
     )
+
+
+def _sixteen_bit(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both operands bf16 or both fp16: the tensor-core launch configurations apply."""
+    return a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -72,7 +74,8 @@ def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: b
     out [P, Q] fp32; fp32 accumulation."""
     size_p, size_k = a.shape
     size_q = b.shape[1]
-    grid = (triton.cdiv(size_p, MM_BLOCK_P) * triton.cdiv(size_q, MM_BLOCK_Q),)
+    launch = _configs.matmul(_configs.gpu_of(out.device), size_p, size_q, _sixteen_bit(a, b))
+    grid = (triton.cdiv(size_p, launch["BLOCK_P"]) * triton.cdiv(size_q, launch["BLOCK_Q"]),)
     _k._matmul_kernel[grid](
         a,
         b,
@@ -88,10 +91,7 @@ def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: b
         out.stride(1),
         ACCUMULATE=accumulate,
         DOT_FP32=_dot_fp32(a, b),
-        BLOCK_P=MM_BLOCK_P,
-        BLOCK_Q=MM_BLOCK_Q,
-        BLOCK_K=MM_BLOCK_K,
-        GROUP_P=MM_GROUP_P,
+        **launch.kwargs(),
     )
 
 
@@ -113,15 +113,10 @@ def _head_scalars(hidden, weight, inv_temp):
     return num_rows, weight.shape[0], width, hidden.stride(0), weight.stride(0), inv_temp
 
 
-def _head_flags(hidden, weight, bias) -> dict:
-    """The launch constants shared by the LM-head kernels (bias, dot precision, tile sizes)."""
-    return dict(
-        HAS_BIAS=bias is not None,
-        DOT_FP32=_dot_fp32(hidden, weight),
-        BLOCK_M=BLOCK_M,
-        BLOCK_V=BLOCK_V,
-        BLOCK_H=BLOCK_H,
-    )
+def _head_flags(hidden, weight, bias, launch: _configs.Launch) -> dict:
+    """The launch constants shared by the LM-head kernels (bias, dot precision) and the
+    launch configuration (tile sizes, num_warps, num_stages)."""
+    return dict(HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(hidden, weight), **launch.kwargs())
 
 
 def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bool):
@@ -133,14 +128,16 @@ def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bo
     entropy = torch.empty(num_rows if want_entropy else 0, **f32)
     if num_rows == 0:
         return logp, lse, entropy
-    _k._lse_fwd_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
+    gpu = _configs.gpu_of(hidden.device)
+    launch = _configs.lse_fwd(gpu, num_rows, _sixteen_bit(hidden, weight))
+    _k._lse_fwd_kernel[(triton.cdiv(num_rows, launch["BLOCK_M"]),)](
         *_head_operands(hidden, weight, bias, targets.contiguous(), placeholder=lse),
         logp,
         lse,
         entropy if want_entropy else lse,
         *_head_scalars(hidden, weight, inv_temp),
         WANT_ENTROPY=want_entropy,
-        **_head_flags(hidden, weight, bias),
+        **_head_flags(hidden, weight, bias, launch),
     )
     return logp, lse, entropy
 
@@ -156,7 +153,8 @@ def logit_grad_chunk(
     fp32, entropy [n] fp32 and g_ent [n] fp32 (both None: no entropy gradient), g_logp [n]
     fp32; dz_out contiguous fp32/bf16/fp16."""
     has_ent = g_ent is not None
-    _k._logit_grad_kernel[(triton.cdiv(weight.shape[0], BLOCK_V),)](
+    launch = _configs.logit_grad(_configs.gpu_of(hidden.device), _sixteen_bit(hidden, weight))
+    _k._logit_grad_kernel[(triton.cdiv(weight.shape[0], launch["BLOCK_V"]),)](
         *_head_operands(hidden, weight, bias, targets, placeholder=lse),
         lse,
         entropy if has_ent else lse,
@@ -168,7 +166,7 @@ def logit_grad_chunk(
         HAS_ENT_GRAD=has_ent,
         NEED_DB=grad_b is not None,
         ROUND_BF16=dz_out.dtype == torch.bfloat16,
-        **_head_flags(hidden, weight, bias),
+        **_head_flags(hidden, weight, bias, launch),
     )
 
 

@@ -11,7 +11,7 @@ the whole batch is one flat linear-recurrence scan, parallel whatever the segmen
 1. ``_scan_aggregate_kernel``: program c scans its ``BLOCK`` elements with
    ``tl.associative_scan`` on pairs ``(a, b)`` and writes the chunk's composed map
    ``(prod a, local y at its last element)``.
-2. ``_scan_carry_kernel``: one program scans the C chunk maps (in tiles of ``CARRY_BLOCK``, with
+2. ``_scan_carry_kernel``: one program scans the C chunk maps (in tiles of ``BLOCK`` maps, with
    a running carry), giving ``Y[c]`` = y at the last element of chunk c.
 3. ``_scan_apply_kernel``: program c redoes its local scan and adds ``(prod a up to j) *
    Y[c-1]``, then writes y (and, for GAE, returns = y + V).
@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs
 from ._common import find_segment, log2_ceil
 
-SCAN_BLOCK = 1024  # elements per program
-CARRY_BLOCK = 1024  # chunk maps per iteration of the carry kernel
+# Chunk size (BLOCK elements per program), carry tile and num_warps come from _configs (per
+# device); ``linear_scan(block=..., carry_block=...)`` overrides the tiles (tests).
 
 
 @triton.jit
@@ -209,8 +210,8 @@ def linear_scan(
     values: torch.Tensor | None = None,
     last_values: torch.Tensor | None = None,
     reverse: bool = True,
-    block: int = SCAN_BLOCK,
-    carry_block: int = CARRY_BLOCK,
+    block: int | None = None,
+    carry_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Segmented scan launcher.
 
@@ -219,7 +220,8 @@ def linear_scan(
     else ``b_t = x_t`` plus ``gamma * last_values[seg]`` on each segment's last element
     (discounted returns). reverse=False: ``y_t = x_t + decay * y_{t-1}`` within segments.
     Returns ``(y, y + values)`` (the second None without values), both fp32 [n].
-    ``block`` / ``carry_block`` (powers of two) set the chunk and carry tile sizes.
+    ``block`` / ``carry_block`` (powers of two) override the chunk and carry tile sizes of the
+    device's launch configuration (``_configs.fixed(gpu, "scan" / "scan_carry")``).
     """
     x, cu = x.contiguous(), cu.contiguous()
     values = None if values is None else values.contiguous()
@@ -229,6 +231,11 @@ def linear_scan(
     y_plus_v = torch.empty_like(y) if values is not None else None
     if n == 0:
         return y, y_plus_v
+    gpu = _configs.gpu_of(x.device)
+    scan_launch = _configs.fixed(gpu, "scan")
+    carry_launch = _configs.fixed(gpu, "scan_carry")
+    block = block or scan_launch["BLOCK"]
+    carry_block = carry_block or carry_launch["BLOCK"]
     num_segments = cu.numel() - 1
     num_chunks = triton.cdiv(n, block)
     common = dict(
@@ -237,6 +244,7 @@ def linear_scan(
         HAS_LAST=last_values is not None,
         LOG2_SEGMENTS=log2_ceil(num_segments),
         BLOCK=block,
+        num_warps=scan_launch.num_warps,
     )
     v_arg = values if values is not None else x  # placeholder pointer, never read
     last_arg = last_values if last_values is not None else x  # placeholder, never read
@@ -248,7 +256,9 @@ def linear_scan(
             x, v_arg, last_arg, cu, agg_a, agg_b, n, num_segments, decay, gamma, **common
         )
         carry = torch.empty_like(agg_a)
-        _scan_carry_kernel[(1,)](agg_a, agg_b, carry, num_chunks, BLOCK=carry_block)
+        _scan_carry_kernel[(1,)](
+            agg_a, agg_b, carry, num_chunks, BLOCK=carry_block, num_warps=carry_launch.num_warps
+        )
     _scan_apply_kernel[(num_chunks,)](
         x,
         v_arg,

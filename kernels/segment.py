@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs
 from ._common import find_segment, log2_ceil
 
-REDUCE_BLOCK_S = 16  # segments per reduce program
-REDUCE_BLOCK_T = 64  # entries per segment per reduce iteration
-BROADCAST_BLOCK = 1024  # entries per broadcast program
+# Launch configurations (BLOCK_S x BLOCK_T reduce tiles, BLOCK broadcast entries, num_warps)
+# come from _configs: per device, and for the reduce by the mean segment length.
 
 
 @triton.jit
@@ -84,10 +84,9 @@ def segment_reduce(x: torch.Tensor, cu: torch.Tensor, *, mean: bool) -> torch.Te
     out = torch.empty(num_segments, dtype=torch.float32, device=x.device)
     if num_segments == 0:
         return out
-    grid = (triton.cdiv(num_segments, REDUCE_BLOCK_S),)
-    _segment_reduce_kernel[grid](
-        x, cu, out, num_segments, MEAN=mean, BLOCK_S=REDUCE_BLOCK_S, BLOCK_T=REDUCE_BLOCK_T
-    )
+    launch = _configs.segment_reduce(_configs.gpu_of(x.device), num_segments, x.numel())
+    grid = (triton.cdiv(num_segments, launch["BLOCK_S"]),)
+    _segment_reduce_kernel[grid](x, cu, out, num_segments, MEAN=mean, **launch.kwargs())
     return out
 
 
@@ -98,7 +97,8 @@ def segment_expand(y: torch.Tensor, cu: torch.Tensor, num_entries: int, *, mean:
     if num_entries == 0:
         return out
     num_segments = cu.numel() - 1
-    grid = (triton.cdiv(num_entries, BROADCAST_BLOCK),)
+    launch = _configs.fixed(_configs.gpu_of(y.device), "elementwise")
+    grid = (triton.cdiv(num_entries, launch["BLOCK"]),)
     _segment_broadcast_kernel[grid](
         y,
         cu,
@@ -107,6 +107,6 @@ def segment_expand(y: torch.Tensor, cu: torch.Tensor, num_entries: int, *, mean:
         num_segments,
         MEAN=mean,
         LOG2_SEGMENTS=log2_ceil(num_segments),
-        BLOCK=BROADCAST_BLOCK,
+        **launch.kwargs(),
     )
     return out

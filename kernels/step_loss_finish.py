@@ -41,8 +41,6 @@ from .step_loss import (
     FINISH_COLS,
 )
 
-FINISH_BLOCK_S = 256  # table rows per loop iteration
-
 
 @triton.jit
 def _column(values, cols, COL: tl.constexpr):

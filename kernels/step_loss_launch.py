@@ -20,13 +20,14 @@ import dataclasses
 import torch
 import triton
 
+from . import _configs
 from . import step_loss as _k
 from .segment import segment_expand, segment_reduce
-from .step_loss_finish import FINISH_BLOCK_S, _policy_finish_kernel, finish_cols
+from .step_loss_finish import _policy_finish_kernel, finish_cols
 
-BLOCK_S = 16  # steps per program
-BLOCK_T = 64  # tokens per step per loop iteration
-UNIT_BLOCK = 1024  # steps per program of the trajectory unit kernel
+# Launch configurations come from _configs: the [BLOCK_S, BLOCK_T] tile of the token kernels
+# (per device, by the mean step length and the step count), the unit kernel's BLOCK (the
+# "elementwise" family) and the finishing kernel's BLOCK_S, with their num_warps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,10 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
                 1.0 / steps_b.clamp_min(1.0), cu_trajs, num_steps, mean=False
             )
     dual = o.dual_clip if o.dual_clip is not None else 0.0
+    gpu = _configs.gpu_of(device)
     if num_steps > 0:
-        _k._policy_fwd_kernel[(triton.cdiv(num_steps, BLOCK_S),)](
+        tile = _configs.step_loss(gpu, num_steps, logp.shape[0])
+        _k._policy_fwd_kernel[(triton.cdiv(num_steps, tile["BLOCK_S"]),)](
             logp,
             old_logp,
             ref,
@@ -102,14 +105,14 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
             NUM_COLS=_k.NUM_COLS,
-            BLOCK_S=BLOCK_S,
-            BLOCK_T=BLOCK_T,
+            **tile.kwargs(),
         )
     if o.ratio_level == _k.RATIO_TRAJ and num_steps > 0:
         norm_b = toks_b.clamp_min(1.0) ** o.length_power
         traj_l = segment_reduce(lr_sum, cu_trajs, mean=False) / norm_b
         traj_l_steps = segment_expand(traj_l, cu_trajs, num_steps, mean=False)
-        _k._policy_unit_kernel[(triton.cdiv(num_steps, UNIT_BLOCK),)](
+        unit = _configs.fixed(gpu, "elementwise")
+        _k._policy_unit_kernel[(triton.cdiv(num_steps, unit["BLOCK"]),)](
             traj_l_steps,
             advantages,
             sw,
@@ -121,7 +124,7 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
             NUM_COLS=_k.NUM_COLS,
-            BLOCK=UNIT_BLOCK,
+            **unit.kwargs(),
         )
         coef_b = (
             segment_reduce(table[:, _k.COL_DLR.value].contiguous(), cu_trajs, mean=False) / norm_b
@@ -140,7 +143,7 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
         HAS_NORMALIZER=o.normalizer is not None,
         NUM_COLS=_k.NUM_COLS,
         COLS=finish_cols(),
-        BLOCK_S=FINISH_BLOCK_S,
+        **_configs.fixed(gpu, "finish").kwargs(),
     )
     return loss, stats, denominator, table
 
@@ -172,7 +175,8 @@ def policy_loss_backward(
     if num_steps > 0:
         ref = ref_logp.contiguous() if kl_type else logp
         sw = step_weight.contiguous() if step_weight is not None else d_logp
-        _k._policy_bwd_kernel[(triton.cdiv(num_steps, BLOCK_S),)](
+        tile = _configs.step_loss(_configs.gpu_of(device), num_steps, num_tokens)
+        _k._policy_bwd_kernel[(triton.cdiv(num_steps, tile["BLOCK_S"]),)](
             logp,
             old_logp,
             ref,
@@ -202,7 +206,6 @@ def policy_loss_backward(
             NEED_SW=need_sw,
             SW_IN_DENOM=o.normalizer is None,
             NUM_COLS=_k.NUM_COLS,
-            BLOCK_S=BLOCK_S,
-            BLOCK_T=BLOCK_T,
+            **tile.kwargs(),
         )
     return d_logp, d_old, d_ref, d_adv, d_sw

@@ -186,7 +186,7 @@ def test_logit_gradient_is_rounded_once_to_nearest_even(dtype):
 @pytest.mark.parametrize("size_p, size_k, size_q", [(70, 45, 81), (600, 7, 130)])
 def test_gemm_into_matches_fp32_products(dtype, transpose_a, size_p, size_k, size_q):
     """C (+)= A @ B with fp32 accumulation, strided operands, sizes not multiples of the
-    blocks (600 rows = 10 row tiles: one full launch group of MM_GROUP_P = 8 and a partial
+    blocks (600 rows = 10 row tiles: one full launch group of GROUP_P = 8 and a partial
     one); 16-bit operands: products of the same values in fp32 (exact per product)."""
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(size_p, size_k, generator=gen).to(dtype)

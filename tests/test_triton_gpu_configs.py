@@ -1,0 +1,251 @@
+"""The GPU launch configurations of ``kernels/_configs.py`` give the reference results under the
+interpreter: every configuration the table can return on CUDA (``_configs.gpu_launches``) is run
+once on a small shape with tails in every tiled dimension, so a configuration that is wrong for
+masking, tails or grid sizes fails here, not on a GPU.
+
+The device decides the configuration (``_configs.gpu_of``); these tests make CPU tensors look
+like an H100 with 1 SM (every shape takes the large tiles) or with 10**6 SMs (every shape takes
+the small-grid tiles) and record which configurations reached the kernels."""
+
+import collections
+import math
+
+import pytest
+import torch
+from conftest import TOL
+from steppo_fast.kernels import _configs
+from test_triton_logprobs import (
+    SUBNORMAL_HALF_SPACING,
+    UNIT_ROUNDOFF,
+    assert_within_one_dz_rounding,
+    grad_close,
+    inputs,
+    logit_grad_oracle,
+)
+from test_triton_logprobs import run as run_logprobs
+from test_triton_step_loss import compare as compare_loss
+from test_triton_step_loss import offsets
+
+import steppo_fast as sf
+
+FEW_SMS, MANY_SMS = 1, 10**6  # large tiles everywhere / small-grid tiles everywhere
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """``gpu(num_sms)`` makes every CPU tensor look like an sm_90 device with ``num_sms`` SMs;
+    ``gpu.used`` maps each kernel family to the launch configurations its kernels received."""
+    used = collections.defaultdict(set)
+
+    def spy(name, family_of):
+        original = getattr(_configs, name)
+
+        def chosen(*args):
+            launch = original(*args)
+            used[family_of(args)].add(launch)
+            return launch
+
+        monkeypatch.setattr(_configs, name, chosen)
+
+    def width(args):
+        return "16" if args[-1] else "32"
+
+    spy("lse_fwd", lambda args: "lse_fwd" + width(args))
+    spy("logit_grad", lambda args: "logit_grad" + width(args))
+    spy("matmul", lambda args: "matmul" + width(args))
+    spy("segment_reduce", lambda args: "segment_reduce")
+    spy("step_loss", lambda args: "step_loss")
+    spy("fixed", lambda args: args[1])
+
+    def use(num_sms):
+        monkeypatch.setattr(_configs, "gpu_of", lambda device: _configs.Gpu(90, num_sms))
+
+    use.used = used
+    return use
+
+
+def assert_covered(used, *families):
+    table = _configs.gpu_launches()
+    for family in families:
+        missing = set(table[family]) - used[family]
+        assert not missing, (family, missing)
+
+
+def test_linear_logprobs_with_gpu_configs(gpu):
+    """130 rows (two 128-row tiles, the second almost empty), V = 203 (a 75-entry tail tile),
+    H = 40 (one masked 64-wide slice), two backward chunks (100 + 30 rows: d W accumulates)."""
+    kw = dict(temperature=0.7, return_entropy=True, chunk_size=100)
+    for dtype, tiers in ((torch.float32, (FEW_SMS,)), (torch.bfloat16, (FEW_SMS, MANY_SMS))):
+        hidden, weight, bias, targets, g_logp, g_ent = inputs(dtype, rows=130)
+        f32 = [t.float() for t in (hidden, weight, bias)]
+        outs_r, grads_r = run_logprobs("torch", *f32, targets, g_logp, g_ent, **kw)
+        for num_sms in tiers:
+            gpu(num_sms)
+            outs_t, grads_t = run_logprobs(
+                "triton", hidden, weight, bias, targets, g_logp, g_ent, **kw
+            )
+            atol, rtol = TOL[dtype]
+            for got, want in zip(outs_t, outs_r):
+                torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol)
+            if dtype == torch.float32:
+                for got, want in zip(grads_t, grads_r):
+                    grad_close(got, want)
+                continue
+            dz = logit_grad_oracle(*f32, targets, g_logp, g_ent, kw["temperature"])
+            per_entry = UNIT_ROUNDOFF[dtype] * dz.abs() + SUBNORMAL_HALF_SPACING[dtype]
+            bounds = [per_entry @ f32[1].double().abs(), per_entry.T @ f32[0].double().abs(), 0.0]
+            for got, want, bound in zip(grads_t, grads_r, bounds):
+                assert got.dtype == dtype
+                assert_within_one_dz_rounding(got, want, bound)
+    assert_covered(
+        gpu.used, "lse_fwd16", "lse_fwd32", "logit_grad16", "logit_grad32", "matmul16", "matmul32"
+    )
+
+
+def _lengths(gen, count, low, high, empty_every=7):
+    lengths = torch.randint(low, high + 1, (count,), generator=gen)
+    lengths[::empty_every] = 0  # empty segments
+    return lengths.tolist()
+
+
+def _layouts():
+    """Short segments (mean <= 32: 32-wide tiles) and long ones (128-wide tiles)."""
+    gen = torch.Generator().manual_seed(1)
+    return dict(short=_lengths(gen, 70, 1, 9), long=_lengths(gen, 9, 60, 300))
+
+
+@pytest.mark.parametrize("layout", ["short", "long"])
+def test_segment_ops_with_gpu_configs(gpu, layout):
+    lengths = _layouts()[layout]
+    cu = offsets(lengths)
+    x, y = torch.randn(int(cu[-1])), torch.randn(len(lengths))
+    g_seg, g_ent = torch.randn(len(lengths)), torch.randn(int(cu[-1]))
+    scale = max(lengths) ** 0.5
+    for num_sms in (FEW_SMS, MANY_SMS):
+        gpu(num_sms)
+        for fn, inp, g in (
+            (sf.segment_sum, x, g_seg),
+            (sf.segment_mean, x, g_seg),
+            (sf.segment_broadcast, y, g_ent),
+        ):
+            results = []
+            for impl in ("triton", "torch"):
+                leaf = inp.clone().requires_grad_()
+                out = fn(leaf, cu, impl=impl)
+                (out * g).sum().backward()
+                results.append((out.detach(), leaf.grad))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
+    families = ["elementwise"]
+    assert {launch["BLOCK_T"] for launch in gpu.used["segment_reduce"]} == {
+        32 if layout == "short" else 128
+    }
+    assert len(gpu.used["segment_reduce"]) == 2  # both grid tiers
+    assert_covered(gpu.used, *families)
+
+
+def test_segment_reduce_gpu_configs_all_covered(gpu):
+    """The two layouts above reach all four segment-reduce configurations."""
+    for lengths in _layouts().values():
+        cu = offsets(lengths)
+        x = torch.randn(int(cu[-1]))
+        for num_sms in (FEW_SMS, MANY_SMS):
+            gpu(num_sms)
+            torch.testing.assert_close(
+                sf.segment_sum(x, cu, impl="triton"), sf.segment_sum(x, cu, impl="torch")
+            )
+    assert_covered(gpu.used, "segment_reduce")
+
+
+def test_scans_with_gpu_configs(gpu):
+    """2500 elements: three 1024-element chunks (aggregate, carry, apply kernels), trajectories
+    straddling chunk boundaries, an empty one."""
+    gen = torch.Generator().manual_seed(2)
+    lengths = _lengths(gen, 40, 1, 120)
+    cu = offsets(lengths)
+    n = int(cu[-1])
+    assert n > 2048
+    rewards, values = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    last = torch.randn(len(lengths), generator=gen)
+    gpu(FEW_SMS)
+    kw = dict(gamma=0.99, lam=0.95, last_values=last)
+    for got, want in zip(
+        sf.step_gae(rewards, values, cu, impl="triton", **kw),
+        sf.step_gae(rewards, values, cu, impl="torch", **kw),
+    ):
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
+    results = []
+    for impl in ("triton", "torch"):
+        r = rewards.clone().requires_grad_()
+        out = sf.discounted_returns(r, cu, gamma=0.97, last_values=last, impl=impl)
+        (out * values).sum().backward()
+        results.append((out.detach(), r.grad))
+    for got, want in zip(*results):
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
+    assert_covered(gpu.used, "scan", "scan_carry")
+
+
+def _loss_batch(lengths, num_trajs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cu_steps = offsets(lengths)
+    a, s = int(cu_steps[-1]), len(lengths)
+    cuts = sorted(torch.randperm(s - 1, generator=gen)[: num_trajs - 1].add(1).tolist())
+    cu_trajs = offsets([hi - lo for lo, hi in zip([0, *cuts], [*cuts, s])])
+    logp = -torch.rand(a, generator=gen) * 3
+    weight = torch.rand(s, generator=gen) + 0.1
+    weight[1::5] = 0.0  # padding steps
+    return dict(
+        logp=logp,
+        old=logp + 0.4 * torch.randn(a, generator=gen),
+        ref=logp + 0.4 * torch.randn(a, generator=gen),
+        adv=torch.randn(s, generator=gen),
+        weight=weight,
+        cu_steps=cu_steps,
+        cu_trajs=cu_trajs,
+    )
+
+
+@pytest.mark.parametrize("layout", ["short", "long"])
+def test_step_policy_loss_with_gpu_configs(gpu, layout):
+    """Every ratio level, KL k3, dual clip, zero-weight steps; trajectory ratios with traj-mean
+    also run the unit kernel; the finishing kernel runs every time."""
+    lengths = [max(n, 1) for n in _layouts()[layout]]  # every step has an action token
+    b = _loss_batch(lengths, num_trajs=5, seed=3)
+    for num_sms in (FEW_SMS, MANY_SMS):
+        gpu(num_sms)
+        for ratio_level, agg in (("token", "token-mean"), ("step", "step-mean"),
+                                 ("trajectory", "traj-mean")):  # fmt: skip
+            stats = compare_loss(
+                b,
+                torch.float32,
+                ratio_level=ratio_level,
+                agg=agg,
+                step_weight=b["weight"],
+                clip_low=0.1,
+                clip_high=0.15,
+                dual_clip=1.5,
+                kl_coef=0.2,
+                kl_type="k3",
+                length_power=0.5 if ratio_level != "token" else 1.0,
+            )
+            assert math.isfinite(stats["ratio_mean"])
+    assert len(gpu.used["step_loss"]) == 2  # both grid tiers
+    assert_covered(gpu.used, "elementwise", "finish")
+
+
+def test_step_loss_gpu_configs_all_covered(gpu):
+    """The two layouts reach all four step-loss tiles (forward only: cheap)."""
+    for lengths in _layouts().values():
+        b = _loss_batch([max(n, 1) for n in lengths], num_trajs=3, seed=4)
+        for num_sms in (FEW_SMS, MANY_SMS):
+            gpu(num_sms)
+            got, _ = sf.step_policy_loss(
+                b["logp"], b["old"], b["adv"], b["cu_steps"], impl="triton"
+            )
+            want, _ = sf.step_policy_loss(
+                b["logp"], b["old"], b["adv"], b["cu_steps"], impl="torch"
+            )
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_covered(gpu.used, "step_loss")
