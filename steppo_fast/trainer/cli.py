@@ -4,7 +4,7 @@
 
     steppo train [--algo steppo] [--env doors] [--model tiny|PATH] [--iters N] [--seed S]
                  [--out DIR] [--resume] [--config FILE.yaml] [--<any TrainConfig field> ...]
-    steppo eval RUN_DIR [--episodes N] [--sample]
+    steppo eval RUN_DIR [--episodes N] [--sample] [--device cpu]
     steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 3] [--env quest] [--iters N]
                    [--out DIR] [--<any TrainConfig field> ...]
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=200, help="held-out episodes (default: 200)")
     ev.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ev.add_argument("--show", type=int, default=1, help="print this many episode transcripts")
+    ev.add_argument(
+        "--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)"
+    )
 
     cmp_ = sub.add_parser("compare", help="run several algorithms on identical seeds and budgets")
     cmp_.add_argument("--algos", default="steppo,ppo,grpo,gigpo", help="comma-separated algorithms")
@@ -59,7 +62,8 @@ def _cmd_train(args) -> int:
     from .distributed import DistributedTrainer, init_from_env
     from .loop import Trainer
 
-    comm = init_from_env()  # a torchrun launch (WORLD_SIZE > 1): data-parallel ranks
+    # a torchrun launch (WORLD_SIZE > 1): data-parallel ranks, one device each (NCCL on CUDA)
+    comm = init_from_env(cfg.device)
     trainer = Trainer(cfg) if comm is None else DistributedTrainer(cfg, comm)
     say = print if trainer.is_main else (lambda *a, **k: None)
     ranks = "" if comm is None else f" on {comm.world} ranks"
@@ -92,7 +96,13 @@ def _resume_config(args, cfg: TrainConfig) -> TrainConfig:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_run
 
-    evaluate_run(args.run_dir, episodes=args.episodes, greedy=not args.sample, show=args.show)
+    evaluate_run(
+        args.run_dir,
+        episodes=args.episodes,
+        greedy=not args.sample,
+        show=args.show,
+        device=args.device,
+    )
     return 0
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 
+import torch
 import yaml
 
 ALGOS = ("steppo", "ppo", "grpo", "gigpo", "gspo")
@@ -78,6 +80,7 @@ class TrainConfig:
     threads: int = 1  # torch CPU threads (1 is fastest for tiny models on a busy machine)
     impl: str = "auto"  # backend of the steppo_fast ops: auto | torch | triton | cpp
     shard: str = "fsdp"  # under torchrun: fsdp (FSDP2 fully_shard) | none (replicated parameters)
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     # --- tiny model (model == "tiny")
     arch: str = "qwen2"  # qwen2 | llama
     hidden_size: int = 64
@@ -159,6 +162,7 @@ class TrainConfig:
             if value not in choices:
                 shown = ", ".join(str(c) for c in choices if c is not None)
                 raise ValueError(f"--{name.replace('_', '-')}: {value!r} is not one of {shown}")
+        check_device_spec(self.device)
 
     def validate_numbers(self) -> None:
         positive = (
@@ -215,6 +219,50 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ValueError(f"--config: {path!r} must hold a mapping of field: value")
         return cls.from_dict(data, base)
+
+
+# ---------------------------------------------------------------------- devices
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_spec(spec: str) -> None:
+    """``ValueError`` naming ``--device`` unless ``spec`` is auto, cpu, cuda or cuda:N."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.fullmatch(spec):
+        raise ValueError(f"--device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """The ``torch.device`` a ``--device`` value names (read when a run starts, not at import).
+
+    - ``"auto"``: ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``;
+    - ``"cpu"``; ``"cuda"`` (the current CUDA device); ``"cuda:N"``;
+    - ``local_rank`` (a torchrun rank's ``LOCAL_RANK``): a CUDA device is ``cuda:local_rank``
+      (one GPU per rank); ``"cuda:N"`` is then a ``ValueError`` (ranks must not share a GPU).
+
+    Asking for CUDA where it is not available, or for a device index that does not exist, is a
+    ``ValueError`` naming ``--device``."""
+    check_device_spec(spec)
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+        raise ValueError(
+            f"--device: {spec!r} needs CUDA, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, {built}); use --device cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    if local_rank is not None:
+        if spec not in ("auto", "cuda"):
+            raise ValueError(
+                f"--device: {spec!r} under torchrun; give cuda or auto (rank r uses "
+                "cuda:LOCAL_RANK)"
+            )
+        index = local_rank
+    else:
+        index = int(spec.split(":")[1]) if ":" in spec else torch.cuda.current_device()
+    if index >= count:
+        raise ValueError(f"--device: cuda:{index} does not exist ({count} CUDA devices)")
+    return torch.device("cuda", index)
 
 
 # ---------------------------------------------------------------------- CLI flags

@@ -1,9 +1,14 @@
-"""Data-parallel training under ``torchrun`` (gloo on CPU): rollouts split across ranks, global
-normalisers, one update on W ranks == the same update on 1 rank (within fp32 rounding).
+"""Data-parallel training under ``torchrun``: rollouts split across ranks, global normalisers,
+one update on W ranks == the same update on 1 rank (within fp32 rounding).
 
 ::
 
     torchrun --nproc-per-node 2 -m steppo_fast.trainer train --groups 16 ...
+
+Devices (:func:`init_from_env`): with ``--device auto`` (the default) or ``cuda`` on a CUDA
+machine, rank ``r`` runs on ``cuda:LOCAL_RANK`` and the process group uses NCCL; with
+``--device cpu`` (or no CUDA) every rank runs on the CPU over gloo. The collectives of
+:class:`Comm` are issued on tensors of the rank's device (NCCL takes CUDA tensors only).
 
 How the W-rank update equals the 1-rank update:
 
@@ -34,24 +39,34 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
-from .config import TrainConfig
-from .loop import CHECKPOINT, Trainer, _k3, episode_stats, train_seed, update_fields
+from .config import TrainConfig, resolve_device
+from .loop import (
+    CHECKPOINT,
+    Trainer,
+    _k3,
+    episode_stats,
+    restore_generator,
+    train_seed,
+    update_fields,
+)
 from .update import Models, forward, ppo_update, reference_logprobs
 
 
 @dataclass(frozen=True)
 class Comm:
-    """The process group of a run: this process's ``rank`` among ``world`` ranks."""
+    """The process group of a run: this process's ``rank`` among ``world`` ranks, whose models
+    and collective buffers live on ``device`` (CUDA for NCCL, the CPU for gloo)."""
 
     rank: int
     world: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -59,13 +74,13 @@ class Comm:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks of a list of numbers (in float64)."""
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
         """Element-wise maximum over ranks of a list of numbers (in float64)."""
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
@@ -76,15 +91,16 @@ class Comm:
         if not params:
             return
         sizes = [p.numel() for p in params]
-        flat = torch.zeros(sum(sizes) + len(params), dtype=torch.float32)
+        flat = torch.zeros(sum(sizes) + len(params), dtype=torch.float32, device=self.device)
         grads, flags = flat[: sum(sizes)].split(sizes), flat[sum(sizes) :]
         for i, p in enumerate(params):
             if p.grad is not None:
                 grads[i].copy_(p.grad.reshape(-1))
                 flags[i] = 1.0
         dist.all_reduce(flat)
+        present = flags.tolist()  # one device -> host read, not one per parameter
         for i, p in enumerate(params):
-            if flags[i] > 0:
+            if present[i] > 0:
                 p.grad = grads[i].view_as(p).to(p.dtype).clone()
             else:
                 p.grad = None
@@ -103,17 +119,23 @@ class Comm:
         dist.destroy_process_group()
 
 
-def init_from_env(backend: str | None = None) -> Comm | None:
+def init_from_env(device: str = "auto", backend: str | None = None) -> Comm | None:
     """The :class:`Comm` of a ``torchrun`` launch (``WORLD_SIZE`` > 1), else ``None``.
 
-    ``backend`` defaults to ``"gloo"``: the trainer keeps its models on the CPU (NCCL needs the
-    models and the all-reduced tensors on CUDA, which this trainer does not do)."""
+    ``device``: the ``--device`` value; a CUDA device becomes ``cuda:LOCAL_RANK`` (and the
+    current CUDA device of the process), see :func:`~.config.resolve_device`. ``backend``
+    defaults to ``"nccl"`` on CUDA and ``"gloo"`` on the CPU. The environment is read when
+    this is called (never at import)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    dev = resolve_device(device, local_rank=local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL, all_gather_object and FSDP use the current device
     if not dist.is_initialized():
-        dist.init_process_group(backend or "gloo")
-    return Comm(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    return Comm(dist.get_rank(), dist.get_world_size(), dev)
 
 
 def rank_groups(groups: int, comm: Comm) -> list[int]:
@@ -122,8 +144,10 @@ def rank_groups(groups: int, comm: Comm) -> list[int]:
 
 
 def global_traj_ids(my_groups: list[int], group_size: int) -> torch.Tensor:
-    """Ids in the 1-rank batch (``g * group_size + k``) of a rank's trajectories, in order."""
-    return torch.tensor([g * group_size + k for g in my_groups for k in range(group_size)])
+    """Ids in the 1-rank batch (``g * group_size + k``) of a rank's trajectories, in order
+    (host: matched against the CPU mini-batch permutation)."""
+    ids = [g * group_size + k for g in my_groups for k in range(group_size)]
+    return torch.tensor(ids, dtype=torch.long)  # host: see the docstring
 
 
 def global_whiten(x: torch.Tensor, comm: Comm, eps: float = 1e-8) -> torch.Tensor:
@@ -155,7 +179,7 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` on one rank of a data-parallel run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, comm: Comm):
-        super().__init__(cfg)
+        super().__init__(cfg, device=comm.device)
         if self.cfg.groups < comm.world:
             raise ValueError(f"--groups: {self.cfg.groups} < {comm.world} ranks")
         self.comm = comm
@@ -169,6 +193,7 @@ class DistributedTrainer(Trainer):
             from .fsdp import ShardedModels
 
             self.sharded = ShardedModels(self.models)  # shards policy and critic in place
+            # (mesh: the default process group on this rank's device)
             self.optimizer = self.build_optimizer()  # over the DTensor shards
 
     def inference_models(self) -> Models:
@@ -203,10 +228,11 @@ class DistributedTrainer(Trainer):
 
     def save_checkpoint(self) -> None:
         states = [None] * self.comm.world
-        dist.all_gather_object(states, self.sample_gen.get_state())
+        dist.all_gather_object(states, (self.sample_gen.device.type, self.sample_gen.get_state()))
         state = self.state()  # every rank: gathering sharded optimizer state is collective
         if self.is_main:
-            state["sample_gen_ranks"] = states
+            state["sample_gen_ranks"] = [s for _, s in states]
+            state["sample_gen_rank_devices"] = [d for d, _ in states]
             from .runfiles import atomic_torch_save
 
             atomic_torch_save(state, self.path(CHECKPOINT))
@@ -214,11 +240,14 @@ class DistributedTrainer(Trainer):
 
     def load_checkpoint(self, path: str) -> None:
         super().load_checkpoint(path)
-        saved = torch.load(path, map_location="cpu", weights_only=False).get("sample_gen_ranks")
-        if saved and self.comm.rank < len(saved):
-            self.sample_gen.set_state(saved[self.comm.rank])
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved, rank = state.get("sample_gen_ranks"), self.comm.rank
+        fresh = self.cfg.seed + 1_000_003 * rank + self.iteration  # a stream per (iteration, rank)
+        if saved and rank < len(saved):
+            kinds = state.get("sample_gen_rank_devices") or ["cpu"] * len(saved)
+            restore_generator(self.sample_gen, saved[rank], kinds[rank], reseed=fresh)
         else:  # more ranks than when saved: a fresh stream per (iteration, rank)
-            self.sample_gen.manual_seed(self.cfg.seed + 1_000_003 * self.comm.rank + self.iteration)
+            self.sample_gen.manual_seed(fresh)
 
     def export_model(self) -> None:
         if self.is_main:
@@ -238,7 +267,7 @@ class DistributedTrainer(Trainer):
             seeds, groups, greedy=False, generator=self.sample_gen, desc=f"rollout {it + 1}"
         )
         t1 = time.perf_counter()
-        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout)
+        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout, device=self.device)
         value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
         with torch.no_grad():
             out = forward(self.inference_models(), batch, res.masks, cfg.temperature, value_units)

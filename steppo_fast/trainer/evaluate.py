@@ -26,9 +26,18 @@ def load_run(run_dir: str, **overrides) -> Trainer:
     return trainer
 
 
-def evaluate_run(run_dir: str, *, episodes: int = 200, greedy: bool = True, show: int = 1) -> dict:
-    """Print and return held-out success rate, mean return and episode length."""
-    trainer = load_run(run_dir, progress=False)
+def evaluate_run(
+    run_dir: str,
+    *,
+    episodes: int = 200,
+    greedy: bool = True,
+    show: int = 1,
+    device: str | None = None,
+) -> dict:
+    """Print and return held-out success rate, mean return and episode length. ``device``
+    overrides the run's ``--device`` (e.g. ``"cpu"`` for a run trained on a GPU)."""
+    overrides = {"progress": False} if device is None else {"progress": False, "device": device}
+    trainer = load_run(run_dir, **overrides)
     cfg = trainer.cfg
     seeds = [EVAL_SEED_BASE + k for k in range(episodes)]
     import torch
@@ -37,7 +46,7 @@ def evaluate_run(run_dir: str, *, episodes: int = 200, greedy: bool = True, show
         seeds,
         list(range(episodes)),
         greedy=greedy,
-        generator=torch.Generator().manual_seed(12345),
+        generator=torch.Generator(device=trainer.device).manual_seed(12345),
         desc="eval",
     )
     from .loop import episode_stats

@@ -29,6 +29,11 @@ Memory per rank (P = trainable parameter count in fp32 bytes): training state ``
 (parameters, gradients, two AdamW moments) + the full inference copy ``P`` (+ the frozen
 reference ``P`` when ``kl_coef != 0``), against ``5 P`` (``6 P``) replicated.
 
+Devices: the FSDP mesh is the default process group on the device the models already sit on
+(``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo; :func:`default_mesh`), never FSDP's own
+default (which picks CUDA whenever it is available, even for a ``--device cpu`` run). The
+dummy batch, the inference copy and the shards live on that device too.
+
 Checkpoints hold full tensors in the single-process format (:func:`full_optimizer_state`,
 :meth:`ShardedModels.load_full`), so a run resumes under any number of ranks, sharded or not.
 """
@@ -38,7 +43,9 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -84,10 +91,17 @@ class TrainRoot(nn.Module):
         return tuple(t if t._base is None else t.clone() for t in (out.logp, out.entropy, values))
 
 
-def dummy_batch() -> StepBatch:
-    """A one-step, one-action batch (token id 0 everywhere) for lock-step dummy forwards."""
+def dummy_batch(device=None) -> StepBatch:
+    """A one-step, one-action batch (token id 0 everywhere) for lock-step dummy forwards, on
+    ``device`` (default CPU)."""
     step = {"prompt_ids": [0, 0], "action_ids": [0], "reward": 0.0, "logprobs": [0.0]}
-    return StepBatch.from_trajectories([{"steps": [step], "terminated": True, "group": 0}])
+    traj = {"steps": [step], "terminated": True, "group": 0}
+    return StepBatch.from_trajectories([traj], device=device)
+
+
+def default_mesh(device: torch.device) -> DeviceMesh:
+    """A 1-D mesh over the default process group, of ``device``'s type."""
+    return DeviceMesh.from_group(dist.group.WORLD, torch.device(device).type)
 
 
 class ShardedModels:
@@ -96,9 +110,13 @@ class ShardedModels:
     Shards ``models.policy`` and ``models.critic`` **in place** (their parameters become
     ``DTensor`` shards: build the optimizer afterwards); ``models.reference`` stays a full,
     frozen module shared with :attr:`inference`. Every rank must hold the same parameters when
-    this is called (broadcast first)."""
+    this is called (broadcast first). ``mesh`` defaults to :func:`default_mesh` of the policy's
+    device."""
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, mesh: DeviceMesh | None = None):
+        self.device = next(models.policy.parameters()).device
+        mesh = default_mesh(self.device) if mesh is None else mesh
+
         def plain(module):
             return None if module is None else copy.deepcopy(module).eval().requires_grad_(False)
 
@@ -113,13 +131,13 @@ class ShardedModels:
         for model in (models.policy, None if models.critic is None else models.critic.backbone):
             if model is not None:
                 for layer in decoder_layers(model):
-                    fully_shard(layer)
-        fully_shard(self.root)
+                    fully_shard(layer, mesh=mesh)
+        fully_shard(self.root, mesh=mesh)
         for module in self.root.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sum over ranks, not mean
                 module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-        self._dummy = dummy_batch()
+        self._dummy = dummy_batch(self.device)
 
     # ------------------------------------------------------------------ training
     def forward(self, models, batch, masks, temperature: float, value_units: str | None):
@@ -185,7 +203,7 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> Non
     for i, st in sd["state"].items():
         p = params[int(i)]
         state[i] = {
-            k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
             else v
             for k, v in st.items()

@@ -9,6 +9,15 @@ seeds ``EVAL_SEED_BASE + k``, never used for training, the same for every run (s
 and seeds are compared on the same tasks). Sampling and mini-batch shuffling draw from two
 dedicated ``torch.Generator``s whose states are checkpointed, so ``--resume`` reproduces the
 uninterrupted run's next updates exactly (same thread count).
+
+Devices (``--device``, :func:`~.config.resolve_device`): the models, the sampling generator
+and every tensor that reaches a model or an op live on ``Trainer.device``; the rollout records,
+environments and tokenizer are Python objects on the host. The batch is built on the CPU from
+the records and moved once per iteration (``StepBatch.from_trajectories(..., device=)``). The
+mini-batch shuffle generator stays on the CPU (it only permutes trajectory ids), so the
+mini-batches do not depend on the device. A sampling-generator state saved on another device
+type (CPU and CUDA states differ) cannot be restored; the generator is then reseeded from
+``(seed, iteration)`` and the run continues with a different, still deterministic, stream.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import copy
 import os
 import random
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +34,7 @@ from tqdm.auto import tqdm
 from .. import StepBatch
 from ..envs import make_env
 from .algorithms import compute_targets
-from .config import TrainConfig
+from .config import TrainConfig, resolve_device
 from .plot import plot_run
 from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
@@ -63,21 +73,29 @@ class Trainer:
 
     is_main = True  # False on the ranks > 0 of a data-parallel run (they write no files, no logs)
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, device: torch.device | str | None = None):
+        """``device``: where the models run (default: ``cfg.device`` resolved; the data-parallel
+        trainer passes its rank's device)."""
         self.cfg = cfg = cfg.resolved()
+        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
         torch.set_num_threads(cfg.threads)
         self.tokenizer = build_tokenizer(cfg)  # word vocabulary, or --model PATH's own
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        # initialised on the CPU (the same weights on every device), then moved
         policy = build_policy(cfg, self.tokenizer).eval()
         critic = Critic(policy, shared=cfg.critic == "shared").eval() if cfg.uses_critic else None
+        policy.to(self.device)
+        if critic is not None:
+            critic.to(self.device)
         reference = None
         if cfg.kl_coef != 0:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.models = Models(policy, critic, reference, forward_mode=cfg.forward, impl=cfg.impl)
         self.optimizer = self.build_optimizer()
-        self.sample_gen = torch.Generator().manual_seed(cfg.seed)
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # host: permutes trajectory ids only (device-independent mini-batches)
+        self.shuffle_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         self.iteration = 0  # iterations completed
         self.wall_offset = 0.0  # wall seconds spent before a resume
         self.rows: list[dict] = []
@@ -128,6 +146,7 @@ class Trainer:
             "reference": None if m.reference is None else m.reference.state_dict(),
             "optimizer": self.optimizer_state(),
             "sample_gen": self.sample_gen.get_state(),
+            "sample_gen_device": self.sample_gen.device.type,
             "shuffle_gen": self.shuffle_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -141,11 +160,16 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.load_model_states(state)
         self.load_optimizer_state(state["optimizer"])
-        self.sample_gen.set_state(state["sample_gen"])
+        self.iteration = state["iteration"]
+        restore_generator(
+            self.sample_gen,
+            state["sample_gen"],
+            state.get("sample_gen_device", "cpu"),
+            reseed=self.cfg.seed + 1_000_003 * self.iteration,
+        )
         self.shuffle_gen.set_state(state["shuffle_gen"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        self.iteration = state["iteration"]
         self.wall_offset = state["wall_s"]
         self.rows = [
             r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= self.iteration
@@ -209,7 +233,8 @@ class Trainer:
         n = episodes or self.cfg.eval_episodes
         greedy = self.cfg.eval_greedy if greedy is None else greedy
         seeds = [EVAL_SEED_BASE + k for k in range(n)]
-        gen = torch.Generator().manual_seed(12345)  # eval never touches the training RNGs
+        # eval never touches the training RNGs
+        gen = torch.Generator(device=self.device).manual_seed(12345)
         res = self.collect(seeds, list(range(n)), greedy=greedy, generator=gen, desc="eval")
         return episode_stats(res.trajectories)
 
@@ -228,7 +253,7 @@ class Trainer:
             seeds, groups, greedy=False, generator=self.sample_gen, desc=f"rollout {it + 1}"
         )
         t1 = time.perf_counter()
-        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout)
+        batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout, device=self.device)
         value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
         with torch.no_grad():
             out = forward(models, batch, res.masks, cfg.temperature, value_units)
@@ -322,13 +347,33 @@ def load_states(models: Models, state: dict) -> None:
         models.reference.load_state_dict(state["reference"])
 
 
+def restore_generator(
+    gen: torch.Generator, saved: torch.Tensor, saved_device_type: str, *, reseed: int
+) -> bool:
+    """Restore a checkpointed generator state into ``gen``; True when restored exactly.
+
+    CPU and CUDA generator states are both uint8 tensors but of different layouts, so a state
+    saved on another device type cannot be set: ``gen`` is then seeded with ``reseed`` instead
+    (deterministic, but not the stream of an uninterrupted run) and a warning is printed."""
+    if saved_device_type == gen.device.type:
+        gen.set_state(saved)
+        return True
+    warnings.warn(
+        f"resume: the sampling generator was saved on {saved_device_type} and this run samples "
+        f"on {gen.device.type}; it is reseeded, so sampling differs from an uninterrupted run",
+        stacklevel=2,
+    )
+    gen.manual_seed(reseed)
+    return False
+
+
 def _silent(*args, **kwargs) -> None:
     pass
 
 
 def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     d = ref_logp - logp
-    return (d.exp() - d - 1).mean() if d.numel() else torch.zeros(())
+    return (d.exp() - d - 1).mean() if d.numel() else d.new_zeros(())
 
 
 def episode_stats(trajectories: list[dict]) -> dict:

@@ -20,6 +20,11 @@ ratios are wrong. Two representations of the per-action-token allowed sets:
 
 :func:`masked_logprobs` takes either. Unmasked log-probs (no grammar) go through
 :func:`steppo_fast.linear_logprobs`, which never materialises ``[A, V]``.
+
+Devices: :class:`GrammarMasks` and :class:`TokenGrammar` build their allowed rows / sets on the
+``device`` they are given (the model's), once per grammar prefix, so the sampler stacks or
+gathers them without host-to-device copies; :class:`SparseMasks` keeps its three tensors on one
+device (:meth:`SparseMasks.to`).
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class GrammarMasks:
 
     sparse = False
 
-    def __init__(self, grammar: Grammar, tokenizer: WordTokenizer):
+    def __init__(self, grammar: Grammar, tokenizer: WordTokenizer, device=None):
         self.grammar, self.tokenizer = grammar, tokenizer
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self._rows: dict[tuple[int, ...], torch.Tensor | None] = {}
         missing = [w for w in grammar.words if w not in tokenizer.ids]
         if missing:
@@ -55,8 +61,9 @@ class GrammarMasks:
         if row is False:
             words = self.grammar.allowed_next([self.tokenizer.words[i] for i in prefix_ids])
             if words:
-                row = torch.zeros(len(self.tokenizer), dtype=torch.bool)
-                row[[self.tokenizer.ids[w] for w in words]] = True
+                row = torch.zeros(len(self.tokenizer), dtype=torch.bool, device=self.device)
+                ids = [self.tokenizer.ids[w] for w in words]
+                row[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
             else:
                 row = None
             self._rows[prefix_ids] = row
@@ -72,15 +79,19 @@ class SparseMasks:
         set_ids: [nnz] int64, each set's allowed token ids (sorted within a set).
 
     ``masks[index]`` (an int tensor or list of action indices) selects action tokens (sharing
-    the set table), as the trainer does for mini-batches."""
+    the set table), as the trainer does for mini-batches. All three tensors live on one
+    device."""
 
     def __init__(self, set_index: torch.Tensor, set_ptr: torch.Tensor, set_ids: torch.Tensor):
         self.set_index, self.set_ptr, self.set_ids = set_index, set_ptr, set_ids
 
     @classmethod
-    def from_rows(cls, rows: Sequence[torch.Tensor]) -> SparseMasks:
+    def from_rows(cls, rows: Sequence[torch.Tensor], device=None) -> SparseMasks:
         """Build from one allowed-id tensor per action token; rows that are the same tensor
-        object (one per grammar prefix) share one set."""
+        object (one per grammar prefix) share one set. The result lives on ``device`` (default:
+        the rows' device; the CPU when there are no rows)."""
+        if device is None:
+            device = rows[0].device if len(rows) else torch.device("cpu")
         slot: dict[int, int] = {}
         sets: list[torch.Tensor] = []
         index = []
@@ -90,15 +101,27 @@ class SparseMasks:
                 k = slot[id(row)] = len(sets)
                 sets.append(row)
             index.append(k)
-        sizes = torch.tensor([0] + [len(r) for r in sets], dtype=torch.long)
-        ids = torch.cat(sets).long() if sets else torch.zeros(0, dtype=torch.long)
-        return cls(torch.tensor(index, dtype=torch.long), sizes.cumsum(0), ids)
+        sizes = torch.tensor([0] + [len(r) for r in sets], dtype=torch.long, device=device)
+        ids = (
+            torch.cat(sets).long().to(device)
+            if sets
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        return cls(torch.tensor(index, dtype=torch.long, device=device), sizes.cumsum(0), ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.set_index.device
+
+    def to(self, device) -> SparseMasks:
+        """A copy on ``device``."""
+        return SparseMasks(*(t.to(device) for t in (self.set_index, self.set_ptr, self.set_ids)))
 
     def __len__(self) -> int:
         return int(self.set_index.numel())
 
     def __getitem__(self, index) -> SparseMasks:
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
         return SparseMasks(self.set_index[index], self.set_ptr, self.set_ids)
 
     def row(self, i: int) -> torch.Tensor:
@@ -111,14 +134,17 @@ class SparseMasks:
         u, where = torch.unique(self.set_ids, return_inverse=True)
         n_sets = self.set_ptr.numel() - 1
         sizes = self.set_ptr[1:] - self.set_ptr[:-1]
-        table = torch.zeros(n_sets, u.numel(), dtype=torch.bool)
-        table[torch.repeat_interleave(torch.arange(n_sets), sizes), where] = True
+        table = torch.zeros(n_sets, u.numel(), dtype=torch.bool, device=self.device)
+        set_of = torch.repeat_interleave(
+            torch.arange(n_sets, device=self.device), sizes, output_size=self.set_ids.numel()
+        )
+        table[set_of, where] = True
         return u, table[self.set_index]
 
     def to_dense(self, vocab_size: int) -> torch.Tensor:
         """``[A, V]`` bool (for tests and small vocabularies)."""
         u, allowed = self.union_and_membership()
-        dense = torch.zeros(len(self), vocab_size, dtype=torch.bool)
+        dense = torch.zeros(len(self), vocab_size, dtype=torch.bool, device=self.device)
         dense[:, u] = allowed
         return dense
 
@@ -143,8 +169,9 @@ class TokenGrammar:
 
     sparse = True
 
-    def __init__(self, grammar: Grammar, tokenizer):
+    def __init__(self, grammar: Grammar, tokenizer, device=None):
         self.grammar, self.tokenizer = grammar, tokenizer
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.actions: dict[tuple[int, ...], str] = {}
         nexts: dict[tuple[int, ...], set[int]] = {}
         for words in grammar.actions():
@@ -163,7 +190,10 @@ class TokenGrammar:
             self.actions[ids] = text
             for k in range(len(ids)):
                 nexts.setdefault(ids[:k], set()).add(ids[k])
-        self._allowed = {p: torch.tensor(sorted(s), dtype=torch.long) for p, s in nexts.items()}
+        self._allowed = {
+            p: torch.tensor(sorted(s), dtype=torch.long, device=self.device)
+            for p, s in nexts.items()
+        }
         self.max_len = max(len(a) for a in self.actions)
 
     def allowed(self, prefix_ids: tuple[int, ...]) -> torch.Tensor | None:
@@ -176,12 +206,12 @@ class TokenGrammar:
             raise ValueError(f"prefix: tokens {list(prefix_ids)} start no action") from None
 
 
-def make_grammar_masks(grammar: Grammar, tokenizer) -> GrammarMasks | TokenGrammar:
+def make_grammar_masks(grammar: Grammar, tokenizer, device=None) -> GrammarMasks | TokenGrammar:
     """Dense :class:`GrammarMasks` for the word tokenizer, sparse :class:`TokenGrammar` for a
-    model tokenizer (one with ``action_ids``)."""
+    model tokenizer (one with ``action_ids``); rows / sets on ``device`` (default CPU)."""
     if isinstance(tokenizer, WordTokenizer):
-        return GrammarMasks(grammar, tokenizer)
-    return TokenGrammar(grammar, tokenizer)
+        return GrammarMasks(grammar, tokenizer, device)
+    return TokenGrammar(grammar, tokenizer, device)
 
 
 def sample_from_allowed(
@@ -193,10 +223,12 @@ def sample_from_allowed(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_from_logits` with sparse allowed sets: row ``b`` of ``logits`` [B, V]
-    draws among the ids ``allowed[b]`` only (gathered, padded with ``-inf``)."""
+    draws among the ids ``allowed[b]`` only (gathered, padded with ``-inf``); the sets must be
+    on the logits' device."""
+    device = logits.device
     idx = torch.nn.utils.rnn.pad_sequence(list(allowed), batch_first=True)  # [B, K]
-    sizes = torch.tensor([len(a) for a in allowed])
-    valid = torch.arange(idx.shape[1])[None, :] < sizes[:, None]
+    sizes = torch.tensor([len(a) for a in allowed], device=device)
+    valid = torch.arange(idx.shape[1], device=device)[None, :] < sizes[:, None]
     z = (logits.float().gather(1, idx) / temperature).masked_fill(~valid, float("-inf"))
     logp_all = torch.log_softmax(z, dim=-1)
     if greedy:
@@ -281,7 +313,7 @@ def _sparse_masked_logprobs(hidden, weight, targets, masks, bias, temperature):
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     u, allowed = masks.union_and_membership()  # [U], [M, U]
     col = torch.searchsorted(u, targets).clamp(max=max(u.numel() - 1, 0))
-    rows = torch.arange(targets.numel())
+    rows = torch.arange(targets.numel(), device=targets.device)
     if targets.numel() and not bool((allowed[rows, col] & (u[col] == targets)).all()):
         bad = int((~(allowed[rows, col] & (u[col] == targets))).nonzero()[0, 0])
         raise ValueError(f"targets[{bad}]: token {int(targets[bad])} is not allowed by its mask")

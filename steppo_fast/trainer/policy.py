@@ -119,7 +119,9 @@ class Critic(nn.Module):
         super().__init__()
         body = backbone(policy)
         self.backbone = None if shared else copy.deepcopy(body)
-        self.head = nn.Linear(body.config.hidden_size, 1)
+        # on the policy's device (a critic built beside a policy already on a GPU stays there)
+        device = next(body.parameters()).device
+        self.head = nn.Linear(body.config.hidden_size, 1, device=device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -177,12 +179,17 @@ def hidden_states(
 
 def _padded_bucket(body, input_ids, starts, lens):
     """One right-padded forward of the sequences ``input_ids[s : s + n]``; returns their hidden
-    states (concatenated in the given order) and their token positions in ``input_ids``."""
+    states (concatenated in the given order) and their token positions in ``input_ids``.
+    Everything is built on ``input_ids.device`` from the host lists ``starts`` / ``lens`` (no
+    device -> host read)."""
     device = input_ids.device
+    total = sum(lens)
     lens_t = torch.tensor(lens, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
+    rows = torch.repeat_interleave(
+        torch.arange(len(lens), device=device), lens_t, output_size=total
+    )
     offsets = torch.cumsum(lens_t, 0) - lens_t
-    cols = torch.arange(int(lens_t.sum()), device=device) - offsets[rows]
+    cols = torch.arange(total, device=device) - offsets[rows]
     index = torch.tensor(starts, device=device)[rows] + cols
     shape = (len(lens), max(lens))
     ids = torch.zeros(shape, dtype=torch.long, device=device)

@@ -31,6 +31,13 @@ and with a model's own tokenizer (:mod:`.hf_tokenizer`, plain text)::
 ``success`` / ``return`` / ``seed`` for logging. The grammar masks of every action token, in
 StepBatch action order, are returned separately: dense ``[A, V]`` bool with the word
 tokenizer, :class:`~.masking.SparseMasks` with a model tokenizer.
+
+Devices: every tensor fed to the model, the sampler's logits and masks, and the returned masks
+live on the model's device (``generator`` must be a generator of that device). Each feed's
+ids / mask / positions are staged on the host (they come from Python lists) and copied to the
+device once per forward; the drawn tokens and their log-probs are read back once per decode
+step for the whole batch (the environment and the records need them as Python numbers), never
+per row or per token.
 """
 
 from __future__ import annotations
@@ -100,12 +107,12 @@ def action_text(tokenizer, ids: list[int]) -> str:
 class _Cache:
     """KV cache + padding mask over the live rows."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, device: torch.device):
         from transformers import DynamicCache
 
-        self.model, self.pad_id = model, pad_id
+        self.model, self.pad_id, self.device = model, pad_id, device
         self.kv = DynamicCache(config=model.config)
-        self.mask = None  # [B, L] long, 1 = real token
+        self.mask = None  # [B, L] long on the device, 1 = real token
         self.calls = 0
 
     def feed(self, rows: Sequence[_Row]) -> torch.Tensor:
@@ -113,19 +120,21 @@ class _Cache:
         real token (rows with nothing to feed get a pad column and garbage logits)."""
         chunks = [r.context[r.n_cached :] for r in rows]
         width = max(len(c) for c in chunks)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(rows), width), dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        last = torch.zeros(len(rows), dtype=torch.long)
+        # staged from Python lists on the CPU, then copied to the device (one copy each)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # host: staged
+        real = torch.zeros((len(rows), width), dtype=torch.long)  # host: staged
+        pos = torch.zeros((len(rows), width), dtype=torch.long)  # host: staged
+        last = torch.zeros(len(rows), dtype=torch.long)  # host: staged
         for i, (row, chunk) in enumerate(zip(rows, chunks)):
             n = len(chunk)
             if n:
-                ids[i, :n] = torch.tensor(chunk)
+                ids[i, :n] = torch.tensor(chunk)  # host: staged
                 real[i, :n] = 1
-                pos[i, :n] = torch.arange(row.n_cached, row.n_cached + n)
+                pos[i, :n] = torch.arange(row.n_cached, row.n_cached + n)  # host: staged
                 last[i] = n - 1
             pos[i, n:] = max(row.n_cached + n - 1, 0)  # pads: any position, they are masked
             row.n_cached += n
+        ids, real, pos, last = (t.to(self.device) for t in (ids, real, pos, last))
         self.mask = real if self.mask is None else torch.cat([self.mask, real], dim=1)
         out = self.model(
             input_ids=ids,
@@ -135,11 +144,11 @@ class _Cache:
             use_cache=True,
         )
         self.calls += 1
-        return out.logits[torch.arange(len(rows)), last]
+        return out.logits[torch.arange(len(rows), device=self.device), last]
 
     def keep(self, index: list[int]) -> None:
         """Keep only the rows in ``index`` (finished episodes leave)."""
-        idx = torch.tensor(index, dtype=torch.long)
+        idx = torch.tensor(index, dtype=torch.long, device=self.device)
         self.kv.batch_select_indices(idx)
         self.mask = self.mask[idx]
 
@@ -168,7 +177,8 @@ def rollout(
         use_grammar: mask sampling with the env's grammar (if it declares one).
         temperature, greedy: sampling temperature / argmax decoding.
         max_action_tokens: cap on free-form actions (no grammar); ``<end>`` ends them earlier.
-        generator: the torch RNG for sampling (saved in checkpoints for exact resumption).
+        generator: the torch RNG for sampling, on the model's device (saved in checkpoints for
+            exact resumption).
         on_step: called with the number of episodes that finished at each env step (progress).
     """
     rows: list[_Row] = []
@@ -181,11 +191,15 @@ def rollout(
                 f"env {getattr(env, 'name', env)!r} crashed in reset(seed={seed}): {e}"
             ) from e
         rows.append(_Row(env, int(seed), int(group), prompt_ids(tokenizer, first)))
+    device = next(model.parameters()).device
     grammar_masks = None
     if use_grammar and rows and rows[0].env.grammar is not None:
-        grammar_masks = make_grammar_masks(rows[0].env.grammar, tokenizer)
+        grammar_masks = make_grammar_masks(rows[0].env.grammar, tokenizer, device=device)
+    full = None  # dense grammar: the all-allowed row of rows whose action is complete
+    if grammar_masks is not None and not grammar_masks.sparse:
+        full = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
     finished: list[_Row] = []
-    cache = _Cache(model, tokenizer.pad_id)
+    cache = _Cache(model, tokenizer.pad_id, device)
     generated = 0
     live = list(rows)
     while live:
@@ -212,17 +226,19 @@ def rollout(
                 )
             else:
                 mask_rows = [grammar_masks.allowed(tuple(r.action)) for r in live]
-                full = torch.ones(len(tokenizer), dtype=torch.bool)
                 mask = torch.stack([m if m is not None else full for m in mask_rows])
                 tokens, logps = sample_from_logits(
                     logits, mask, temperature=temperature, greedy=greedy, generator=generator
                 )
+            # one device -> host read per decode step for the whole batch (exact: int64 ids
+            # < 2**53 and fp32 log-probs are representable in fp64)
+            drawn_tokens, drawn_logps = torch.stack((tokens.double(), logps.double())).tolist()
             for i, r in enumerate(live):
                 if r.done_acting:
                     continue
-                tok = int(tokens[i])
+                tok = int(drawn_tokens[i])
                 r.action.append(tok)
-                r.action_logp.append(float(logps[i]))
+                r.action_logp.append(drawn_logps[i])
                 if mask_rows is not None:
                     r.action_masks.append(mask_rows[i])
                 r.context.append(tok)
@@ -275,11 +291,14 @@ def rollout(
                 cache.keep(still)
             live = [live[i] for i in still]
     masks_kind = None if grammar_masks is None else ("sparse" if grammar_masks.sparse else "dense")
-    return _collect(rows, masks_kind, generated, cache.calls)
+    return _collect(rows, masks_kind, generated, cache.calls, device)
 
 
-def _collect(rows: list[_Row], masks_kind: str | None, generated: int, calls: int) -> RolloutResult:
-    """Trajectory records in input order, anchors as ints, masks stacked in action order."""
+def _collect(
+    rows: list[_Row], masks_kind: str | None, generated: int, calls: int, device: torch.device
+) -> RolloutResult:
+    """Trajectory records in input order, anchors as ints, masks stacked in action order (on
+    ``device``, where the grammar's rows already are)."""
     anchor_ids: dict[str, int] = {}
     trajectories, masks = [], []
     for r in rows:
@@ -297,7 +316,7 @@ def _collect(rows: list[_Row], masks_kind: str | None, generated: int, calls: in
         )
         masks.extend(r.masks)
     if masks_kind == "sparse":
-        stacked = SparseMasks.from_rows(masks)
+        stacked = SparseMasks.from_rows(masks, device=device)
     else:
         stacked = torch.stack(masks) if masks_kind == "dense" and masks else None
     return RolloutResult(trajectories, stacked, generated, calls)

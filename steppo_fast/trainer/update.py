@@ -136,6 +136,8 @@ def ppo_update(
     """``cfg.epochs`` passes over ``batch``; each pass splits the trajectories at random into
     ``cfg.minibatches`` mini-batches (one optimizer step each; ``on_step(1)`` after each, for
     progress bars). Returns stats averaged over micro-batches (weighted by their loss weight).
+    ``shuffle`` is a CPU generator (it permutes trajectory ids on the host, whatever the device
+    of ``batch``, so the mini-batches do not depend on the device).
 
     Data-parallel (``comm``, a :class:`steppo_fast.trainer.distributed.Comm`): ``batch`` holds
     this rank's trajectories, ``traj_ids`` [T_local] their ids in the global batch; the
@@ -162,7 +164,7 @@ def ppo_update(
     n_trajs = batch.num_trajs if comm is None else int(comm.all_reduce_sum([batch.num_trajs])[0])
     n_mini = max(1, min(cfg.minibatches, n_trajs))
     for _ in range(cfg.epochs):
-        perm = torch.randperm(n_trajs, generator=shuffle)
+        perm = torch.randperm(n_trajs, generator=shuffle)  # host: permutes trajectory ids
         for chunk in perm.chunk(n_mini):
             chosen = chunk.sort().values
             if traj_ids is not None:  # this rank's trajectories of the chunk
