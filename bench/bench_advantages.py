@@ -246,6 +246,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: default)")
     args = parser.parse_args()
+    load_start = os.getloadavg()
     bandwidth = copy_bandwidth()  # the whole machine's (default threads), before --threads
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -293,6 +294,8 @@ def main():
         max_loop_rows=args.max_loop_rows,
         threads=torch.get_num_threads(),
         reps=args.reps,
+        loadavg_start=load_start,
+        loadavg_end=os.getloadavg(),
     )
     png = os.path.join(RESULTS_DIR, "advantages.png")
     plot(rows, png)

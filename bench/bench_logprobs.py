@@ -14,13 +14,16 @@ Implementations (each measured in a fresh subprocess, since peak RSS is per proc
 
 Counting rules: fp32, forward + backward with a non-uniform upstream gradient (random per-token
 weights). "workspace" = peak RSS during the measured call minus the RSS before it (inputs, runtime)
-minus the fresh gradients backward must return (grad_W + grad_h). Every worker runs with glibc's
+minus the fresh gradients backward must return (grad_W + grad_h); a self-check (``check``)
+verifies that those gradient bytes are resident after the call. Every worker runs with glibc's
 mmap threshold pinned to 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed blocks go back to the OS and a
 warm-up cannot hide workspace in the heap; the warm-up call (MKL init, torch.compile) runs at 64
 rows. "floor" = the four matrix products any exact O(chunk x V) method does (forward logits,
 recompute, d hidden, d weight), over row blocks of min(M, 4096) rows, timed in the same process
 right after each repetition of the implementation (best of 2 each): ``floor_s`` with torch.mm
 (MKL), ``floor_onednn_s`` with the oneDNN products steppo_fast uses (see ``floor_time``).
+``cores_used`` = CPU seconds / wall seconds of the best repetition (2.0 = both cores were ours;
+load averages include this process' own threads, so they read ~2 even on an idle machine).
 Outputs are checked against an fp32 truth (blockwise log_softmax): logp on all rows, grad_h on
 256 rows, grad_W on 2048 vocabulary rows.
 
@@ -192,23 +195,33 @@ def worker(impl: str, m: int, h: int, v: int, reps: int, check: bool, floors: bo
     run(small_hidden, weight, targets[:64].clone(), upstream[:64].clone())
     del small_hidden
     hidden.requires_grad_(True)
-    times, floor_mm, floor_onednn, workspace = [], [], [], None
+    times, cores, floor_mm, floor_onednn, workspace = [], [], [], [], None
     for rep in range(reps):
         hidden.grad = weight.grad = None
         gc.collect()
         harness.reset_peak_rss()
         base = harness.rss_bytes()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logp = run(hidden, weight, targets, upstream)
         times.append(time.perf_counter() - t0)
+        cores.append((time.process_time() - c0) / times[-1])
         peak = harness.peak_rss_bytes() - base
+        held_after = harness.rss_bytes() - base  # what the call left resident: grads + logp
         fresh = hidden.grad.nbytes + weight.grad.nbytes
         if rep == 0:
             workspace = max(0, peak - fresh)
+            # Self-check of the subtraction: the gradient bytes must be resident (a lazily
+            # zero-filled, partly written gradient would be subtracted without being counted).
+            resident_check = "ok" if held_after >= 0.95 * fresh else "FAILED: grads not resident"
         if floors:
             floor_mm.append(floor_time(hidden.detach(), weight.detach(), "mm"))
             floor_onednn.append(floor_time(hidden.detach(), weight.detach(), "onednn"))
-    out = {"time_s": min(times), "times_s": times, "workspace_MB": workspace / 2**20}
+    best = times.index(min(times))
+    out = {"time_s": times[best], "times_s": times, "workspace_MB": workspace / 2**20}
+    # CPU seconds / wall seconds of the best repetition: ~torch threads when the cores were
+    # ours, lower when other processes took them (loadavg also counts this process' threads).
+    out["cores_used"] = cores[best]
+    out["check"] = resident_check
     if floors:
         out.update(floor_s=min(floor_mm), floor_onednn_s=min(floor_onednn))
         out.update(x_floor=out["time_s"] / out["floor_s"])
@@ -272,7 +285,9 @@ def interleaved_sweep(m: int, h: int, rows_list, rounds: int) -> list[dict]:
     ]
 
 
-def spawn(impl: str, m: int, h: int, v: int, reps: int, check: bool, floors: bool) -> dict:
+def spawn(
+    impl: str, m: int, h: int, v: int, reps: int, check: bool, floors: bool, threads: int = 0
+) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [
         sys.executable,
@@ -289,6 +304,7 @@ def spawn(impl: str, m: int, h: int, v: int, reps: int, check: bool, floors: boo
         str(reps),
     ]
     cmd += ([] if check else ["--no-check"]) + ([] if floors else ["--no-floor"])
+    cmd += [f"--threads={threads}"]
     load0 = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -309,11 +325,24 @@ def mem_available_bytes() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    p.add_argument(
+        "--shapes",
+        help="comma-separated MxH list replacing the grid's shapes, e.g. 8192x512,2048x512 "
+        "(results go to logprobs_<--name>.json)",
+    )
+    p.add_argument("--name", default="recheck", help="results suffix when --shapes is given")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--mem-limit-gb", type=float, default=12.0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in each worker (0: torch's default, 2 here); 1 keeps a run clean "
+        "when another process holds one of the 2 cores",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, help=argparse.SUPPRESS)
     p.add_argument("--H", type=int, help=argparse.SUPPRESS)
@@ -327,6 +356,8 @@ def main() -> None:
         harness.print_table(rows, cols)
         print("wrote", harness.write_results("logprobs_sweep_time", rows))
         return
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.worker:
         out = worker(
             args.worker, args.M, args.H, args.V, args.reps, not args.no_check, not args.no_floor
@@ -337,8 +368,12 @@ def main() -> None:
     impls = args.impls.split(",")
     if args.grid == "sweep":
         impls = [f"steppo_fast@{r}" for r in SWEEP_ROWS]
+    shapes = GRIDS[args.grid]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    load_start = os.getloadavg()
     rows = []
-    for m, h in GRIDS[args.grid]:
+    for m, h in shapes:
         for impl in impls:
             row = {"impl": impl, "M": m, "H": h, "V": VOCAB, "dtype": "fp32"}
             limit = min(args.mem_limit_gb * 2**30, 0.7 * mem_available_bytes())
@@ -349,7 +384,8 @@ def main() -> None:
                 )
             else:
                 checks = not args.no_check
-                row.update(spawn(impl, m, h, VOCAB, args.reps, checks, not args.no_floor))
+                floors = not args.no_floor
+                row.update(spawn(impl, m, h, VOCAB, args.reps, checks, floors, args.threads))
                 row.setdefault("status", "ok")
             rows.append(row)
             shown = {k: v for k, v in row.items() if k != "times_s"}
@@ -367,14 +403,21 @@ def main() -> None:
         "logp_err",
         "grad_h_err",
         "grad_w_err",
+        "cores_used",
         "loadavg",
         "status",
+        "check",
     ]
     harness.print_table(rows, cols)
     name = "logprobs" if args.grid == "default" else f"logprobs_{args.grid}"
+    if args.shapes:
+        name = f"logprobs_{args.name}"
     path = harness.write_results(
         name,
         rows,
+        loadavg_start=load_start,
+        loadavg_end=os.getloadavg(),
+        threads=args.threads or torch.get_num_threads(),
         copy_bandwidth_GBps=harness.copy_bandwidth(1 << 26) / 1e9,
         counting=__doc__.split("Counting rules: ")[1].split("\n\nUsage")[0],
     )

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import measure_peak, metadata, print_table, write_results  # noqa: E402
+from bench.harness import measure_peak, print_table, write_results  # noqa: E402
 from steppo_fast import _microbatch, _packing, _packing_numba  # noqa: E402
 from steppo_fast.batch import StepBatch  # noqa: E402
 
@@ -238,6 +238,7 @@ def main():
     if args.quick:
         args.trajs, args.steps, args.fresh_trajs, args.reps = 64, 8, 16, 1
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
 
     rows = []
     t0 = time.perf_counter()
@@ -273,11 +274,16 @@ def main():
     print()
     print_table(mb_rows, ["records", "stage", "wall_ms", "cpu_ms", "bins", "max_tokens", "fill"])
     if not args.quick:
-        meta = metadata()
+        load_end = os.getloadavg()
         path = write_results(
-            "packing", rows + mb_rows, config=vars(args), numba=_packing_numba.numba_available()
+            "packing",
+            rows + mb_rows,
+            config=vars(args),
+            numba=_packing_numba.numba_available(),
+            loadavg_start=load_start,
+            loadavg_end=load_end,
         )
-        print(f"\nwrote {path} (loadavg {meta['machine']['loadavg_1m']:.2f})")
+        print(f"\nwrote {path} (loadavg 1m: start {load_start[0]:.2f}, end {load_end[0]:.2f})")
 
 
 if __name__ == "__main__":
