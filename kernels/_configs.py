@@ -81,6 +81,7 @@ _CPU = dict(
     matmul=_launch(4, 1, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, GROUP_P=8),
     segment_reduce=_launch(4, 1, BLOCK_S=16, BLOCK_T=64),
     step_loss=_launch(4, 1, BLOCK_S=16, BLOCK_T=64),
+    step_loss_traj=_launch(4, 1, BLOCK_B=8, BLOCK_K=16),
     elementwise=_launch(4, 1, BLOCK=1024),
     scan=_launch(4, 1, BLOCK=1024),
     scan_carry=_launch(4, 1, BLOCK=1024),
@@ -113,6 +114,12 @@ _MM32 = _launch(4, 3, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, GROUP_P=8)
 _SHORT_SEGMENT = 32  # mean segment length up to which BLOCK_T = 32, else 128
 _SEGMENT_ELEMS = 2048
 _LOSS_ELEMS = 512
+# Trajectory pass of the step loss ([BLOCK_B trajectories, BLOCK_K steps] tiles over the O(S)
+# per-step table, no token): agentic trajectories hold a few to ~100 steps, so BLOCK_K = 8 up
+# to 8 steps per trajectory on average, else 32; 256 elements = 2 per thread of 4 warps (the
+# unit terms keep ~10 live [BLOCK_B, BLOCK_K] values); BLOCK_B shrinks 4x for small grids.
+_SHORT_TRAJ = 8
+_TRAJ_ELEMS = 256
 _GPU_FIXED = dict(
     elementwise=_launch(8, 1, BLOCK=1024),  # 4 elements per thread
     scan=_launch(4, 1, BLOCK=1024),
@@ -170,8 +177,19 @@ def step_loss(gpu: Gpu | None, num_steps: int, num_tokens: int) -> Launch:
     return _csr_tile(gpu, num_steps, num_tokens, _LOSS_ELEMS, 4)
 
 
+def step_loss_traj(gpu: Gpu | None, num_trajs: int, num_steps: int) -> Launch:
+    """``_policy_traj_kernel`` over B trajectories holding S steps."""
+    if gpu is None:
+        return _CPU["step_loss_traj"]
+    block_k = 8 if num_steps <= _SHORT_TRAJ * max(num_trajs, 1) else 32
+    block_b = _TRAJ_ELEMS // block_k
+    if triton.cdiv(num_trajs, block_b) < gpu.num_sms:  # fewer programs than SMs
+        block_b = max(block_b // 4, 2)
+    return _launch(4, 1, BLOCK_B=block_b, BLOCK_K=block_k)
+
+
 def fixed(gpu: Gpu | None, family: str) -> Launch:
-    """Shape-independent kernels: ``elementwise`` (segment broadcast, policy unit kernel),
+    """Shape-independent kernels: ``elementwise`` (segment broadcast),
     ``scan`` (scan aggregate / apply), ``scan_carry``, ``finish`` (policy finishing kernel)."""
     return (_CPU if gpu is None else _GPU_FIXED)[family]
 
@@ -194,6 +212,7 @@ def gpu_launches() -> dict[str, list[Launch]]:
         matmul32=[matmul(sms, 1, 1, False)],
         segment_reduce=[segment_reduce(sms, s, a) for s, a in csr],
         step_loss=[step_loss(sms, s, a) for s, a in csr],
+        step_loss_traj=[step_loss_traj(sms, b, s) for b, s in csr],
         **{family: [launch] for family, launch in _GPU_FIXED.items()},
     )
     return {family: list(dict.fromkeys(launches)) for family, launches in out.items()}

@@ -11,14 +11,17 @@ coefficients the backward needs. Per token it reads logp, old_logp (and ref_logp
   over the step with the step's uniform per-token weight.
 - ratio "step": l_s = sum_i x_i / n_s ** p from the tile sums, then the unit terms.
 - ratio "trajectory": the step kernel only writes the log-ratio sums (and the KL part of the
-  step-weight derivative); the launcher reduces them per trajectory (segment kernels) and
-  ``_policy_unit_kernel`` applies the unit terms per step.
+  step-weight derivative); ``step_loss_traj._policy_traj_kernel`` (one program per block of
+  trajectories) reduces them per trajectory and writes the unit columns of every step.
 
 Weights: every unit weight is w_u = b_u * sw_s, the base b_u fixed by ``agg`` (1, n_s, 1/n_s
 or 1/c_b; c_b counts the units of steps with sw > 0, so it does not vary with the values of
 sw) times the step weight. Hence d w_u / d sw_s = b_u, and the table keeps per step
 ``COL_DSW`` = sum_u b_u L_u + kl_coef sum_t b'_t KL_t and ``COL_BASE_W`` = sum_u b_u, from
 which the backward forms d loss / d sw_s = (DSW_s - [D = sum_u w_u] loss BASE_W_s) / D.
+For traj-mean the step kernel writes the columns with the bases before the 1/c_b factor (1
+per unit) and leaves the KL part out of ``COL_DSW``; ``_policy_traj_kernel`` counts c_b and
+scales the columns (``COL_KL`` keeps the raw KL sum for that).
 
 Backward, ``_policy_bwd_kernel``: the same tiling writes d logp (and d old_logp, d ref_logp
 when asked) for every action token in one pass: ``d x_i = DLR_s`` (a per-step coefficient from
@@ -51,7 +54,8 @@ COL_DADV = tl.constexpr(11)  # d(sum_u w_u L_u) / d A_s
 COL_TOK_W = tl.constexpr(12)  # per-token weight w'_t of the step (token units, KL term)
 COL_DSW = tl.constexpr(13)  # d(sum_u w_u L_u + kl_coef sum_t w'_t KL_t) / d sw_s
 COL_BASE_W = tl.constexpr(14)  # d(sum_u w_u) / d sw_s = sum of the step's unit bases b_u
-NUM_COLS = 15
+COL_KL = tl.constexpr(15)  # sum over the step's tokens of KL_t (unweighted; traj-mean scaling)
+NUM_COLS = 16
 # Columns the finishing kernel reduces: sums, except RHO_MIN (min) and RHO_MAX (max).
 FINISH_COLS = tl.constexpr(10)
 
@@ -138,8 +142,6 @@ def _policy_fwd_kernel(
     ref_ptr,  # [A] reference log-probs (read only when KL_TYPE != 0)
     adv_ptr,  # [S] advantages
     sw_ptr,  # [S] step weights (read only when HAS_WEIGHT; else 1)
-    tok_base_ptr,  # [S] traj-mean per-token base 1 / c_b (tokens) (AGG == 2 only)
-    unit_base_ptr,  # [S] traj-mean per-step base 1 / c_b (steps) (AGG == 2 only)
     cu_ptr,  # [S+1] cu_steps offsets
     table_ptr,  # [S, NUM_COLS] fp32 out: per-step table (see COL_*)
     lr_sum_ptr,  # [S] fp32 out: sum of the step's (masked) log-ratios
@@ -168,9 +170,9 @@ def _policy_fwd_kernel(
     elif AGG == 1:
         tok_base = tl.full([BLOCK_S], 1.0, tl.float32)
         unit_base = n
-    else:
-        tok_base = tl.load(tok_base_ptr + s, mask=s_mask, other=0.0)
-        unit_base = tl.load(unit_base_ptr + s, mask=s_mask, other=0.0)
+    else:  # traj-mean: the bases before the 1/c_b factor (applied by _policy_traj_kernel)
+        tok_base = tl.full([BLOCK_S], 1.0, tl.float32)
+        unit_base = tl.full([BLOCK_S], 1.0, tl.float32)
     tok_w = sw * tok_base
 
     acc_lr = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
@@ -215,7 +217,11 @@ def _policy_fwd_kernel(
     tl.store(row + COL_TOKW, tok_w * n, mask=s_mask)
     tl.store(row + COL_WAKL, -tok_w * lr_sum, mask=s_mask)
     tl.store(row + COL_TOK_W, tok_w, mask=s_mask)
-    kl_dsw = kl_coef * tok_base * kl_sum  # the KL term's part of COL_DSW
+    tl.store(row + COL_KL, kl_sum, mask=s_mask)
+    if AGG == 2:  # the KL term's part of COL_DSW needs 1/c_b: _policy_traj_kernel adds it
+        kl_dsw = tl.zeros([BLOCK_S], dtype=tl.float32)
+    else:
+        kl_dsw = kl_coef * tok_base * kl_sum  # the KL term's part of COL_DSW
     if RATIO == 0:
         loss_sum = tl.sum(acc_loss, axis=1)
         tl.store(row + COL_WL, tok_w * loss_sum, mask=s_mask)
@@ -233,100 +239,47 @@ def _policy_fwd_kernel(
         tl.store(row + COL_BASE_W, unit_base, mask=s_mask)
         if RATIO == 1:
             norm = _length_pow(n, length_power)
-            _store_unit_terms(
-                row,
-                lr_sum / norm,
-                adv,
-                sw,
-                unit_base,
-                kl_dsw,
-                s_mask,
-                1.0 / norm,
-                clip_low,
-                clip_high,
-                dual_clip,
-                HAS_DUAL,
-            )
-        else:
-            tl.store(row + COL_DSW, kl_dsw, mask=s_mask)  # the unit kernel adds the unit part
+            d_unit = _store_unit_terms(
+                row, lr_sum / norm, adv, sw, unit_base, kl_dsw, s_mask, clip_low, clip_high,
+                dual_clip, HAS_DUAL,
+            )  # fmt: skip
+            tl.store(row + COL_DLR, d_unit / norm, mask=s_mask)
+        else:  # _policy_traj_kernel writes the unit columns
+            tl.store(row + COL_DSW, kl_dsw, mask=s_mask)
 
 
 @triton.jit
 def _store_unit_terms(
-    row,  # [BLOCK] pointers to the steps' table rows
+    row,  # [BLOCK] (any shape) pointers to the steps' table rows
     log_ratio,  # [BLOCK] unit log-ratios
     adv,  # [BLOCK] advantages (0 on invalid steps)
     sw,  # [BLOCK] step weights (0 on invalid steps)
     unit_base,  # [BLOCK] unit bases b_s (unit weight w_s = b_s * sw_s)
     kl_dsw,  # [BLOCK] the KL term's part of COL_DSW
-    s_mask,  # [BLOCK] step index in range
-    d_l_scale,  # d l / d x_i of each token of the step: 1 / n_s ** p (1 for trajectories)
+    mask,  # [BLOCK] the step exists (store mask)
     clip_low,
     clip_high,
     dual_clip,
     HAS_DUAL: tl.constexpr,  # as in _unit_terms
 ):
-    """Write the unit columns of steps that are units (step/trajectory ratios); COL_DLR gets
-    w_s * dL/dl * d_l_scale, COL_DSW gets b_s * L_s + kl_dsw."""
+    """Write the unit columns (all but COL_DLR) of steps that are units (step/trajectory
+    ratios); COL_DSW gets b_s * L_s + kl_dsw. Returns w_s * dL/dl (COL_DLR before the
+    d l / d x_i factor, which the caller applies)."""
     loss, d_l, d_a, clipped, dual, rho = _unit_terms(
         log_ratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL
     )
     unit_w = sw * unit_base
-    tl.store(row + COL_WL, unit_w * loss, mask=s_mask)
-    tl.store(row + COL_W, unit_w, mask=s_mask)
-    tl.store(row + COL_WCLIP, tl.where(clipped, unit_w, 0.0), mask=s_mask)
-    tl.store(row + COL_WDUAL, tl.where(dual, unit_w, 0.0), mask=s_mask)
-    tl.store(row + COL_WRHO, unit_w * rho, mask=s_mask)
+    tl.store(row + COL_WL, unit_w * loss, mask=mask)
+    tl.store(row + COL_W, unit_w, mask=mask)
+    tl.store(row + COL_WCLIP, tl.where(clipped, unit_w, 0.0), mask=mask)
+    tl.store(row + COL_WDUAL, tl.where(dual, unit_w, 0.0), mask=mask)
+    tl.store(row + COL_WRHO, unit_w * rho, mask=mask)
     counted = unit_w > 0  # sw is 0 on invalid steps
-    tl.store(row + COL_RHO_MIN, tl.where(counted, rho, float("inf")), mask=s_mask)
-    tl.store(row + COL_RHO_MAX, tl.where(counted, rho, float("-inf")), mask=s_mask)
-    tl.store(row + COL_DADV, unit_w * d_a, mask=s_mask)
-    tl.store(row + COL_DLR, unit_w * d_l * d_l_scale, mask=s_mask)
-    tl.store(row + COL_DSW, unit_base * loss + kl_dsw, mask=s_mask)
-
-
-@triton.jit
-def _policy_unit_kernel(
-    traj_l_ptr,  # [S] fp32: the trajectory log-ratio l_b of each step's trajectory
-    adv_ptr,  # [S] advantages
-    sw_ptr,  # [S] step weights (HAS_WEIGHT only)
-    table_ptr,  # [S, NUM_COLS] fp32 in/out: reads COL_BASE_W, COL_DSW; writes the unit columns
-    num_steps,  # S
-    clip_low,  # as in _policy_fwd_kernel
-    clip_high,  # as in _policy_fwd_kernel
-    dual_clip,  # as in _policy_fwd_kernel
-    HAS_WEIGHT: tl.constexpr,  # step_weight given
-    HAS_DUAL: tl.constexpr,  # dual clip on
-    NUM_COLS: tl.constexpr,  # table row length
-    BLOCK: tl.constexpr,  # steps per program
-):
-    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    s_mask = s < num_steps
-    if HAS_WEIGHT:
-        sw = tl.load(sw_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        sw = tl.where(s_mask, 1.0, 0.0)
-    valid = s_mask & (sw > 0)
-    sw = tl.where(valid, sw, 0.0)
-    adv = tl.where(valid, tl.load(adv_ptr + s, mask=s_mask, other=0.0).to(tl.float32), 0.0)
-    row = table_ptr + s * NUM_COLS
-    unit_base = tl.load(row + COL_BASE_W, mask=s_mask, other=0.0)
-    kl_dsw = tl.load(row + COL_DSW, mask=s_mask, other=0.0)
-    log_ratio = tl.load(traj_l_ptr + s, mask=s_mask, other=0.0)
-    _store_unit_terms(
-        row,
-        log_ratio,
-        adv,
-        sw,
-        unit_base,
-        kl_dsw,
-        s_mask,
-        1.0,
-        clip_low,
-        clip_high,
-        dual_clip,
-        HAS_DUAL,
-    )
+    tl.store(row + COL_RHO_MIN, tl.where(counted, rho, float("inf")), mask=mask)
+    tl.store(row + COL_RHO_MAX, tl.where(counted, rho, float("-inf")), mask=mask)
+    tl.store(row + COL_DADV, unit_w * d_a, mask=mask)
+    tl.store(row + COL_DSW, unit_base * loss + kl_dsw, mask=mask)
+    return unit_w * d_l
 
 
 @triton.jit

@@ -1,10 +1,10 @@
 """Finishing kernel of the fused step policy loss: the per-step table -> the loss and the stats.
 
-``_policy_finish_kernel`` is one program. It walks the per-step table ``[S, NUM_COLS]`` written
-by ``step_loss._policy_fwd_kernel`` (and ``_policy_unit_kernel``) in ``[BLOCK_S, COLS]`` tiles
-and keeps per-lane column sums, minima and maxima; after the loop it reduces the lanes
-(``tl.sum`` / ``tl.min`` / ``tl.max``: a fixed order, so the result is deterministic) and
-writes, all fp32:
+``_policy_finish_kernel`` is one program. It walks the per-step table ``[S, NUM_COLS]``
+written by ``step_loss._policy_fwd_kernel`` (and ``step_loss_traj._policy_traj_kernel``) in
+``[BLOCK_S, COLS]`` tiles and keeps per-lane column sums, minima and maxima; after the loop it
+reduces the lanes (``tl.sum`` / ``tl.min`` / ``tl.max``: a fixed order, so the result is
+deterministic) and writes, all fp32:
 
     D        = normalizer, else sum_s W_s (1 when that is 0: the numerator is 0 then)
     loss     = (sum_s WL_s + kl_coef * sum_s WK_s) / D
@@ -16,10 +16,11 @@ writes, all fp32:
     stats[5] = ratio_max      = max RHO_MAX              (1 when no unit is counted)
 
 (the "no counted unit" rules of ``steppo_fast.reference.loss._policy_stats``). So the forward
-of the loss is two launches (plus the trajectory pass for trajectory ratios) with no host sync
-and no torch epilogue. One program reads ``4 * NUM_COLS * S`` bytes (240 KB at S = 4096):
-below a microsecond of HBM time, far below its launch cost; S is the number of steps, so one
-program is enough (a tree of block partial sums would add a launch to save nothing).
+of the loss is two launches (three with the trajectory pass of trajectory ratios and traj-mean)
+with no host sync and no torch epilogue. One program reads the first FINISH_COLS columns of
+the 64-byte rows (at most ``4 * NUM_COLS * S`` bytes, 256 KB at S = 4096): below a
+microsecond of HBM time, far below its launch cost; S is the number of steps, so one program is
+enough (a tree of block partial sums would add a launch to save nothing).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""Launchers of the fused step policy loss kernels (``step_loss.py``, ``step_loss_finish.py``):
-grids, placeholders and the O(S) trajectory pre/post-processing.
+"""Launchers of the fused step policy loss kernels (``step_loss.py``, ``step_loss_traj.py``,
+``step_loss_finish.py``): grids, placeholders, outputs.
 
-Forward launches (S steps, B trajectories, A action tokens):
+Forward launches (S steps, B trajectories, A action tokens), no host sync, no torch op but
+allocations:
 - ratio "step"/"token" with agg "step-mean"/"token-mean": 2 launches, the fused kernel over
-  the tokens (per-step table) and the one-program finishing kernel (loss, stats, denominator;
-  no host sync, no torch epilogue).
-- agg "traj-mean" adds 2 segment reductions + 2 broadcasts over ``cu_trajs`` (O(S)) and a few
-  O(B) torch ops for the per-trajectory counts.
-- ratio "trajectory" adds one reduction + one broadcast of the step log-ratio sums, the O(S)
-  unit kernel, and one reduction + broadcast of the backward coefficients.
+  the tokens (per-step table) and the one-program finishing kernel (loss, stats, denominator).
+- ratio "trajectory" or agg "traj-mean": 3 launches, the trajectory pass
+  (``_policy_traj_kernel``, O(S) work over ``cu_trajs``) between the two.
 Backward: 1 launch, one kernel over the tokens (d logp, and d old_logp / d ref_logp when
-asked) that also writes d advantages and d step_weight per step.
+asked) that also writes d advantages and d step_weight per step (the trajectory coefficients
+are in the forward's table).
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ import triton
 
 from . import _configs
 from . import step_loss as _k
-from .segment import segment_expand, segment_reduce
 from .step_loss_finish import _policy_finish_kernel, finish_cols
+from .step_loss_traj import _policy_traj_kernel
 
 # Launch configurations come from _configs: the [BLOCK_S, BLOCK_T] tile of the token kernels
-# (per device, by the mean step length and the step count), the unit kernel's BLOCK (the
-# "elementwise" family) and the finishing kernel's BLOCK_S, with their num_warps.
+# (per device, by the mean step length and the step count), the trajectory pass's [BLOCK_B,
+# BLOCK_K] tile (by the mean steps per trajectory and the trajectory count) and the finishing
+# kernel's BLOCK_S, with their num_warps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +45,6 @@ class LossOptions:
     normalizer: float | None
 
 
-def _traj_counts(cu_steps, cu_trajs, step_weight, num_steps):
-    """Per trajectory: counted steps and counted tokens (steps with weight > 0), fp32 [B]."""
-    n = (cu_steps[1:] - cu_steps[:-1]).to(torch.float32)
-    if step_weight is None:
-        valid = torch.ones(num_steps, dtype=torch.float32, device=n.device)
-    else:
-        valid = (step_weight > 0).to(torch.float32)
-    return segment_reduce(valid, cu_trajs, mean=False), segment_reduce(
-        valid * n, cu_trajs, mean=False
-    )
-
-
 def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, o):
     """Run the forward kernels. Returns (loss 0-d, stats [6], denominator 0-d,
     table [S, NUM_COLS]), all fp32."""
@@ -69,15 +57,6 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
     sw = step_weight.contiguous() if step_weight is not None else lr_sum  # placeholder if None
     ref = ref_logp.contiguous() if (ref_logp is not None and o.kl_type) else logp
     needs_traj = o.agg == _k.AGG_TRAJ or o.ratio_level == _k.RATIO_TRAJ
-    tok_base = unit_base = lr_sum  # placeholders, read only for traj-mean
-    if needs_traj and num_steps > 0:
-        cu_trajs = cu_trajs.contiguous()
-        steps_b, toks_b = _traj_counts(cu_steps, cu_trajs, step_weight, num_steps)
-        if o.agg == _k.AGG_TRAJ:
-            tok_base = segment_expand(1.0 / toks_b.clamp_min(1.0), cu_trajs, num_steps, mean=False)
-            unit_base = segment_expand(
-                1.0 / steps_b.clamp_min(1.0), cu_trajs, num_steps, mean=False
-            )
     dual = o.dual_clip if o.dual_clip is not None else 0.0
     gpu = _configs.gpu_of(device)
     if num_steps > 0:
@@ -88,8 +67,6 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             ref,
             advantages,
             sw,
-            tok_base,
-            unit_base,
             cu_steps,
             table,
             lr_sum,
@@ -107,29 +84,29 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             NUM_COLS=_k.NUM_COLS,
             **tile.kwargs(),
         )
-    if o.ratio_level == _k.RATIO_TRAJ and num_steps > 0:
-        norm_b = toks_b.clamp_min(1.0) ** o.length_power
-        traj_l = segment_reduce(lr_sum, cu_trajs, mean=False) / norm_b
-        traj_l_steps = segment_expand(traj_l, cu_trajs, num_steps, mean=False)
-        unit = _configs.fixed(gpu, "elementwise")
-        _k._policy_unit_kernel[(triton.cdiv(num_steps, unit["BLOCK"]),)](
-            traj_l_steps,
+    if needs_traj and num_steps > 0:
+        num_trajs = cu_trajs.shape[0] - 1
+        traj_tile = _configs.step_loss_traj(gpu, num_trajs, num_steps)
+        _policy_traj_kernel[(triton.cdiv(num_trajs, traj_tile["BLOCK_B"]),)](
             advantages,
             sw,
+            cu_steps,
+            cu_trajs.contiguous(),
             table,
-            num_steps,
+            lr_sum,
+            num_trajs,
+            o.length_power,
             o.clip_low,
             o.clip_high,
             dual,
+            o.kl_coef,
+            RATIO=o.ratio_level,
+            AGG=o.agg,
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
             NUM_COLS=_k.NUM_COLS,
-            **unit.kwargs(),
+            **traj_tile.kwargs(),
         )
-        coef_b = (
-            segment_reduce(table[:, _k.COL_DLR.value].contiguous(), cu_trajs, mean=False) / norm_b
-        )
-        table[:, _k.COL_DLR.value] = segment_expand(coef_b, cu_trajs, num_steps, mean=False)
     f32 = dict(dtype=torch.float32, device=device)
     loss, stats, denominator = torch.empty((), **f32), torch.empty(6, **f32), torch.empty((), **f32)
     _policy_finish_kernel[(1,)](

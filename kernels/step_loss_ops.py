@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from steppo_fast.reference.loss import STAT_KEYS
+from steppo_fast.reference.loss import PackedStats
 
 from . import step_loss as _k
 from .step_loss_launch import LossOptions, policy_loss_backward, policy_loss_forward
@@ -172,7 +172,8 @@ def step_policy_loss(
     normalizer=None,
 ):
     """Triton backend of :func:`steppo_fast.step_policy_loss` -> (loss, stats), the stats a
-    dict of detached fp32 0-d tensors (no host sync; the public wrapper converts them).
+    dict of detached fp32 0-d tensors, views of the finishing kernel's [6] output
+    (``PackedStats``; no host sync, no stacking launch; the public wrapper converts them).
 
     fp64 inputs run the torch reference."""
     tensors = (logp, old_logp, advantages, step_weight, ref_logp)
@@ -218,4 +219,4 @@ def step_policy_loss(
         ref_logp if o.kl_type != _k.KL_NONE else None,
         **dataclasses.asdict(o),
     )
-    return loss, dict(zip(STAT_KEYS, stats.detach().unbind()))
+    return loss, PackedStats(stats.detach())

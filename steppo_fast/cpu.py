@@ -26,6 +26,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.steppo_fast.*)
 from ._validate import compute_dtype
+from .reference.loss import PackedStats
 
 _ops = torch.ops.steppo_fast
 _LIB = "steppo_fast::"
@@ -298,7 +299,7 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6):
     return _ops.group_advantages(scores.contiguous(), group.contiguous(), mode, float(eps))
 
 
-def _stats_dict(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+def _stats_dict(sums: torch.Tensor) -> PackedStats:
     """The public stats from the kernel's fp64 sums [8], as detached fp64 0-d tensors without
     host sync (same rules as the reference: no counted unit -> fracs 0, ratios 1; no counted
     token -> approx_kl 0)."""
@@ -307,14 +308,15 @@ def _stats_dict(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     zero, one = torch.zeros_like(total_w), torch.ones_like(total_w)
     safe_w = torch.where(counted, total_w, one)
     safe_tok = torch.where(tok_counted, tok_total, one)
-    return {
-        "clip_frac": torch.where(counted, clip_n / safe_w, zero),
-        "dual_clip_frac": torch.where(counted, dual_n / safe_w, zero),
-        "approx_kl": torch.where(tok_counted, kl_n / safe_tok, zero),
-        "ratio_mean": torch.where(counted, ratio_n / safe_w, one),
-        "ratio_min": torch.where(counted, ratio_min, one),
-        "ratio_max": torch.where(counted, ratio_max, one),
-    }
+    values = (  # in STAT_KEYS order
+        torch.where(counted, clip_n / safe_w, zero),  # clip_frac
+        torch.where(counted, dual_n / safe_w, zero),  # dual_clip_frac
+        torch.where(tok_counted, kl_n / safe_tok, zero),  # approx_kl
+        torch.where(counted, ratio_n / safe_w, one),  # ratio_mean
+        torch.where(counted, ratio_min, one),  # ratio_min
+        torch.where(counted, ratio_max, one),  # ratio_max
+    )
+    return PackedStats(torch.stack(values))
 
 
 @dataclass(frozen=True)

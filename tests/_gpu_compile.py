@@ -105,7 +105,7 @@ def kernel_cases(archs=(90, 80)):
     that ``steppo_fast.kernels._configs`` can return (``_configs.gpu_launches``) for every arch;
     its other flag variants (and fp16, which compiles like bf16) with the largest configuration,
     for sm_90 only (they change the epilogue, not the tiling)."""
-    from steppo_fast.kernels import _configs, logprobs, scan, segment, step_loss
+    from steppo_fast.kernels import _configs, logprobs, scan, segment, step_loss, step_loss_traj
     from steppo_fast.kernels import step_loss_finish as finish
 
     launches = _configs.gpu_launches()
@@ -143,8 +143,9 @@ def kernel_cases(archs=(90, 80)):
     add("policy_bwd", step_loss._policy_bwd_kernel,
         [dict(loss_flags(r), NEED_OLD=True, NEED_REF=True, NEED_SW=True, SW_IN_DENOM=r != 0)
          for r in (0, 1, 2)], "step_loss")  # fmt: skip
-    add("policy_unit", step_loss._policy_unit_kernel,
-        [dict(HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=cols)], "elementwise")  # fmt: skip
+    add("policy_traj", step_loss_traj._policy_traj_kernel,
+        [dict(RATIO=r, AGG=a, HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=cols)
+         for r, a in ((2, 2), (2, 0), (2, 1), (1, 2), (0, 2))], "step_loss_traj")  # fmt: skip
     add("policy_finish", finish._policy_finish_kernel,
         [dict(HAS_NORMALIZER=n, NUM_COLS=cols, COLS=finish.finish_cols()) for n in (0, 1)],
         "finish")  # fmt: skip

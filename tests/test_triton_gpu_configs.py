@@ -55,6 +55,7 @@ def gpu(monkeypatch):
     spy("matmul", lambda args: "matmul" + width(args))
     spy("segment_reduce", lambda args: "segment_reduce")
     spy("step_loss", lambda args: "step_loss")
+    spy("step_loss_traj", lambda args: "step_loss_traj")
     spy("fixed", lambda args: args[1])
 
     def use(num_sms):
@@ -209,14 +210,14 @@ def _loss_batch(lengths, num_trajs, seed):
 
 @pytest.mark.parametrize("layout", ["short", "long"])
 def test_step_policy_loss_with_gpu_configs(gpu, layout):
-    """Every ratio level, KL k3, dual clip, zero-weight steps; trajectory ratios with traj-mean
-    also run the unit kernel; the finishing kernel runs every time."""
+    """Every ratio level, KL k3, dual clip, zero-weight steps; trajectory ratios and traj-mean
+    also run the trajectory pass; the finishing kernel runs every time."""
     lengths = [max(n, 1) for n in _layouts()[layout]]  # every step has an action token
     b = _loss_batch(lengths, num_trajs=5, seed=3)
     for num_sms in (FEW_SMS, MANY_SMS):
         gpu(num_sms)
         for ratio_level, agg in (("token", "token-mean"), ("step", "step-mean"),
-                                 ("trajectory", "traj-mean")):  # fmt: skip
+                                 ("trajectory", "traj-mean"), ("step", "traj-mean")):  # fmt: skip
             stats = compare_loss(
                 b,
                 torch.float32,
@@ -232,7 +233,8 @@ def test_step_policy_loss_with_gpu_configs(gpu, layout):
             )
             assert math.isfinite(stats["ratio_mean"])
     assert len(gpu.used["step_loss"]) == 2  # both grid tiers
-    assert_covered(gpu.used, "elementwise", "finish")
+    assert len(gpu.used["step_loss_traj"]) == 2
+    assert_covered(gpu.used, "finish")
 
 
 def test_step_loss_gpu_configs_all_covered(gpu):
@@ -249,3 +251,29 @@ def test_step_loss_gpu_configs_all_covered(gpu):
             )
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert_covered(gpu.used, "step_loss")
+
+
+@pytest.mark.parametrize("ratio_level, agg", [("trajectory", "traj-mean"), ("token", "traj-mean")])
+def test_step_loss_trajectory_pass_gpu_configs_all_covered(gpu, ratio_level, agg):
+    """Few steps per trajectory (mean 2: BLOCK_K = 8, one trajectory of 11 steps, empty ones)
+    and many (mean 20: BLOCK_K = 32, one trajectory of 35 steps), both grid tiers: all four
+    trajectory-pass tiles, each with a trajectory longer than its BLOCK_K, forward and
+    backward against the reference."""
+    for traj_lengths in ([0, 1, 11, 2, 3, 1, 1, 2, 1, 1, 1, 0], [35, 5]):
+        b = _loss_batch([1 + i % 3 for i in range(sum(traj_lengths))], 2, seed=len(traj_lengths))
+        b["cu_trajs"] = offsets(traj_lengths)
+        for num_sms in (FEW_SMS, MANY_SMS):
+            gpu(num_sms)
+            compare_loss(
+                b,
+                torch.float32,
+                ratio_level=ratio_level,
+                agg=agg,
+                step_weight=b["weight"],
+                clip_low=0.1,
+                clip_high=0.15,
+                dual_clip=1.5,
+                kl_coef=0.2,
+                length_power=0.5,
+            )
+    assert_covered(gpu.used, "step_loss_traj")

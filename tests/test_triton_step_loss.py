@@ -11,6 +11,7 @@ import torch
 from conftest import TOL
 from steppo_fast.kernels import step_loss_launch, step_loss_ops
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.interpreter import InterpretedFunction
 
 from steppo_fast import step_policy_loss
 
@@ -292,34 +293,102 @@ ALLOWED_OPS = {
 }
 
 
-@pytest.mark.parametrize("ratio, agg", [("step", "step-mean"), ("token", "token-mean")])
-def test_forward_and_backward_run_no_torch_compute_op(ratio, agg):
-    """Forward = the token kernel + the finishing kernel, backward = one kernel: no torch
-    epilogue (no sum, min, where, division) around them."""
+class _CountLaunches:
+    """Records the name of every Triton kernel launched (interpreter) while active."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        original = InterpretedFunction.run
+
+        def run(kernel, *args, **kwargs):
+            self.names.append(kernel.fn.__name__)
+            return original(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+
+
+@pytest.mark.parametrize(
+    "ratio, agg, forward_launches",
+    [
+        ("step", "step-mean", 2),
+        ("token", "token-mean", 2),
+        ("trajectory", "step-mean", 3),
+        ("trajectory", "token-mean", 3),
+        ("trajectory", "traj-mean", 3),
+        ("step", "traj-mean", 3),
+        ("token", "traj-mean", 3),
+    ],
+)
+def test_forward_and_backward_run_no_torch_compute_op(monkeypatch, ratio, agg, forward_launches):
+    """Forward = the token kernel (+ the trajectory pass for trajectory ratios and traj-mean)
+    + the finishing kernel, backward = one kernel: no torch epilogue (no sum, min, where,
+    division, segment op) around them."""
     b = make_batch()
     options = step_loss_launch.LossOptions(
         **op_options(ratio_level=step_loss_ops._RATIO[ratio], agg=step_loss_ops._AGG[agg])
     )
     tensors = (b["logp"], b["old"], b["adv"], b["cu_steps"])
     grad = torch.tensor(1.0)
+    launches = _CountLaunches(monkeypatch)
     with _RecordOps() as forward:
-        loss, _, denominator, table = step_loss_launch.policy_loss_forward(
+        loss, stats, denominator, table = step_loss_launch.policy_loss_forward(
             *tensors, b["cu_trajs"], b["weight"], b["ref"], options
         )
+    assert len(launches.names) == forward_launches, launches.names
     with _RecordOps() as backward:
         grads = step_loss_launch.policy_loss_backward(
             grad, *tensors, b["weight"], b["ref"], (loss, denominator, table), options, (True,) * 3
         )
+    assert launches.names[forward_launches:] == ["_policy_bwd_kernel"]
     assert forward.names <= ALLOWED_OPS and backward.names <= ALLOWED_OPS
-    want = step_policy_loss(
-        *tensors,
-        step_weight=b["weight"],
-        ref_logp=b["ref"],
+    leaves = [t.clone().requires_grad_() for t in (*tensors[:3], b["weight"], b["ref"])]
+    want, want_stats = step_policy_loss(
+        *leaves[:3],
+        b["cu_steps"],
+        cu_trajs=b["cu_trajs"],
+        step_weight=leaves[3],
+        ref_logp=leaves[4],
         ratio_level=ratio,
         agg=agg,
         dual_clip=3.0,
         kl_coef=0.1,
+        stats="tensor",
         impl="torch",
-    )[0]
-    torch.testing.assert_close(loss, want)
-    assert all(g.numel() > 0 for g in grads)
+    )
+    want.backward()
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(stats, torch.stack(list(want_stats.values())))
+    d_logp, d_old, d_ref, d_adv, d_sw = grads
+    for got, leaf in zip((d_logp, d_old, d_adv, d_sw, d_ref), leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+class _RecordFloatStacks(TorchDispatchMode):
+    """Records every stack / cat of floating-point tensors run under it (the validation of the
+    integer offsets stacks ints: not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in ("aten.stack.default", "aten.cat.default"):
+            if any(t.is_floating_point() for t in args[0]):
+                self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stats_mode", ["tensor", "float"])
+def test_public_stats_are_views_of_the_kernel_output_without_a_stack(stats_mode):
+    """The backend hands the finishing kernel's [6] stats to the public wrapper as views
+    (PackedStats): no stack/cat launch gathers them again."""
+    b = make_batch()
+    args = (b["logp"], b["old"], b["adv"], b["cu_steps"])
+    options = dict(cu_trajs=b["cu_trajs"], ratio_level="trajectory", agg="traj-mean")
+    with _RecordFloatStacks() as ops:
+        loss, stats = step_policy_loss(*args, **options, stats=stats_mode, impl="triton")
+    assert not ops.calls
+    want = step_policy_loss(*args, **options, stats=stats_mode, impl="torch")[1]
+    assert stats.keys() == want.keys()
+    for key, value in stats.items():
+        assert math.isclose(float(value), float(want[key]), rel_tol=1e-5, abs_tol=1e-6), key

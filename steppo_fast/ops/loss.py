@@ -18,7 +18,7 @@ from .._validate import (
     check_weights,
     is_finite_number,
 )
-from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS
+from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS, PackedStats
 from ..reference.loss import loss_normalizer as _reference_loss_normalizer
 from ._resolve import resolve
 
@@ -288,8 +288,12 @@ def step_policy_loss(
         kl_type=kl_type,
         normalizer=normalizer,
     )
-    # backends return 0-d tensors (no sync); stack them so "float" costs one host transfer
-    packed = torch.stack([stat_tensors[key].detach() for key in STAT_KEYS])
+    # backends return 0-d tensors (no sync), views of one [6] tensor (PackedStats) when they
+    # can: "float" then costs one host transfer and no stacking launch
+    if isinstance(stat_tensors, PackedStats):
+        packed = stat_tensors.packed.detach()
+    else:
+        packed = torch.stack([stat_tensors[key].detach() for key in STAT_KEYS])
     if stats == "float":
         return loss, dict(zip(STAT_KEYS, packed.tolist()))
     return loss, dict(zip(STAT_KEYS, packed.to(loss.dtype).unbind()))

@@ -27,6 +27,16 @@ K3_CLAMP = 10.0  # k3 is clamped to [-10, 10] (verl's low_var_kl)
 STAT_KEYS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
 
 
+class PackedStats(dict):
+    """The stats a backend's ``step_policy_loss`` returns: a dict ``STAT_KEYS`` -> detached 0-d
+    tensors that are views of one [6] tensor, kept as ``packed`` (in ``STAT_KEYS`` order), so
+    the public wrapper reads them without a stacking launch."""
+
+    def __init__(self, packed: torch.Tensor):
+        super().__init__(zip(STAT_KEYS, packed.unbind()))
+        self.packed = packed
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimate of KL(pi || pi_ref) from samples of pi, [A] -> [A].
 
@@ -249,7 +259,7 @@ def step_policy_loss(
 
 
 @torch.no_grad()
-def _policy_stats(unit_w, rho, clipped, dual, tok_w, log_ratio, total_w) -> dict[str, torch.Tensor]:
+def _policy_stats(unit_w, rho, clipped, dual, tok_w, log_ratio, total_w) -> PackedStats:
     """Weighted batch stats as detached 0-d tensors, without host sync (see the public
     docstring). No counted unit: fracs 0, ratio mean/min/max 1; no counted token: approx_kl 0."""
     counted = unit_w > 0
@@ -270,4 +280,4 @@ def _policy_stats(unit_w, rho, clipped, dual, tok_w, log_ratio, total_w) -> dict
         torch.where(any_counted, ratio_min, one),
         torch.where(any_counted, ratio_max, one),
     )
-    return dict(zip(STAT_KEYS, values))
+    return PackedStats(torch.stack(values))
