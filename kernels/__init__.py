@@ -5,7 +5,9 @@ Exposes functions named like the public ops, with the reference signatures minus
 Each op family is one kernel module (``segment``, ``scan``, ``step_loss``,
 ``logprobs``) plus one module registering its ``torch.library`` ops in the namespace
 ``steppo_fast_triton`` and holding the backend functions (``*_ops``); the step loss keeps its
-launchers apart (``step_loss_launch``). Every launcher takes its tile sizes, ``num_warps`` and
+launchers apart (``step_loss_launch``) and has two more kernels: the per-trajectory pass for
+trajectory ratios and traj-mean (``step_loss_traj``) and the finishing reduction of loss and
+stats (``step_loss_finish``). Every launcher takes its tile sizes, ``num_warps`` and
 ``num_stages`` from ``_configs`` (small tiles on CPU for the interpreter, a static GPU table on
 CUDA chosen from the shapes; see bench/ROOFLINE.md, "Launch configurations"). Layers: kernel ->
 launcher -> registered op (``torch.library.custom_op`` + ``register_fake`` +
