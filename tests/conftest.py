@@ -17,6 +17,25 @@ def _seed():
     yield
 
 
+# Modules that run (tiny) transformers models: one torch thread. Small models are fastest on one
+# thread, and two threads on a loaded 2-vCPU machine made them up to ~10x slower; the kernel and
+# C++ tests keep the default thread count (their OpenMP paths are what they test). The count is
+# restored after each test, so the result does not depend on test order (Trainer sets it too).
+ONE_THREAD_MODULES = ("test_trainer", "test_layouts_model", "test_distributed")
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    if not name.startswith(ONE_THREAD_MODULES):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Tolerances tied to dtype (absolute, relative), for results accumulated in fp32. bf16 inputs are
 # compared with an fp32 reference fed the same (rounded) bf16 values: fp32 tolerance.
 TOL = {
