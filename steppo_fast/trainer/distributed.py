@@ -56,7 +56,7 @@ from .loop import (
     train_seed,
     update_fields,
 )
-from .update import Models, forward, ppo_update, reference_logprobs
+from .update import Models, ppo_update
 
 
 @dataclass(frozen=True)
@@ -268,19 +268,7 @@ class DistributedTrainer(Trainer):
         )
         t1 = time.perf_counter()
         batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout, device=self.device)
-        value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
-        with torch.no_grad():
-            out = forward(self.inference_models(), batch, res.masks, cfg.temperature, value_units)
-            ref_logp = None
-            if models.reference is not None:
-                ref_logp = reference_logprobs(
-                    models.reference,
-                    batch,
-                    res.masks,
-                    cfg.temperature,
-                    models.forward_mode,
-                    cfg.impl,
-                )
+        out, ref_logp = self.score(batch, res.masks)
         targets = compute_targets_global(cfg, batch, out.values, comm)
         n_steps = cfg.epochs * max(1, min(cfg.minibatches, cfg.groups * cfg.group_size))
         with self._bar(n_steps, f"update {it + 1}", unit="step") as bar:

@@ -39,7 +39,7 @@ from .plot import plot_run
 from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
 from .runfiles import atomic_torch_save, read_metrics, write_metrics
-from .update import Models, forward, ppo_update, reference_logprobs
+from .update import ForwardOut, Models, forward, ppo_update, reference_logprobs
 
 EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
 CHECKPOINT = "checkpoint.pt"
@@ -239,6 +239,21 @@ class Trainer:
         return episode_stats(res.trajectories)
 
     # ------------------------------------------------------------------ one iteration
+    @torch.no_grad()
+    def score(self, batch, masks) -> tuple[ForwardOut, torch.Tensor | None]:
+        """The old policy's log-probs / entropies, the critic's values (step units, token units
+        for ``ppo``, none without a critic) and the reference log-probs (``None`` without a KL
+        term) of ``batch``, on :meth:`inference_models`."""
+        cfg, models = self.cfg, self.inference_models()
+        value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
+        out = forward(models, batch, masks, cfg.temperature, value_units)
+        ref_logp = None
+        if models.reference is not None:
+            ref_logp = reference_logprobs(
+                models.reference, batch, masks, cfg.temperature, models.forward_mode, cfg.impl
+            )
+        return out, ref_logp
+
     def step(self) -> dict:
         """One iteration: rollout, targets, update. Returns its metrics row."""
         cfg, models, it = self.cfg, self.models, self.iteration
@@ -254,20 +269,8 @@ class Trainer:
         )
         t1 = time.perf_counter()
         batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout, device=self.device)
-        value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
-        with torch.no_grad():
-            out = forward(models, batch, res.masks, cfg.temperature, value_units)
-            old_logp = out.logp
-            ref_logp = None
-            if models.reference is not None:
-                ref_logp = reference_logprobs(
-                    models.reference,
-                    batch,
-                    res.masks,
-                    cfg.temperature,
-                    models.forward_mode,
-                    cfg.impl,
-                )
+        out, ref_logp = self.score(batch, res.masks)
+        old_logp = out.logp
         targets = compute_targets(cfg, batch, out.values)
         n_steps = cfg.epochs * max(1, min(cfg.minibatches, batch.num_trajs))
         with self._bar(n_steps, f"update {it + 1}", unit="step") as bar:
