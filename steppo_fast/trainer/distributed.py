@@ -199,12 +199,12 @@ class DistributedTrainer(Trainer):
     def inference_models(self) -> Models:
         return self.models if self.sharded is None else self.sharded.inference
 
-    def optimizer_state(self) -> dict:
+    def optimizer_state(self) -> dict | None:
         if self.sharded is None:
             return super().optimizer_state()
         from .fsdp import full_optimizer_state
 
-        return full_optimizer_state(self.optimizer)
+        return full_optimizer_state(self.optimizer, keep=self.is_main)  # rank 0 writes it
 
     def load_optimizer_state(self, state: dict) -> None:
         if self.sharded is None:

@@ -25,9 +25,13 @@ same number of them. The training forward is one padded bucket per micro-batch
 rank runs zero-loss dummy micro-batches (:meth:`ShardedModels.dummy_backward`), which add exact
 zeros to the gradients.
 
-Memory per rank (P = trainable parameter count in fp32 bytes): training state ``4 P / W``
-(parameters, gradients, two AdamW moments) + the full inference copy ``P`` (+ the frozen
-reference ``P`` when ``kl_coef != 0``), against ``5 P`` (``6 P``) replicated.
+Memory per rank (P = bytes of the trainable parameters in fp32, P_ref = the frozen KL
+reference, a copy of the policy only): held ``4 P / W`` (parameters, gradients, two AdamW
+moments) + the full inference copy ``P`` + ``P_ref``, against ``4 P + P_ref`` replicated (whose
+flat gradient all-reduce buffer adds a transient ``P``). A checkpoint gathers the full AdamW
+moments on rank 0 only (``+2 P`` there, one tensor at a time elsewhere). Measured in
+bench/bench_fsdp_memory.py and docs/scaling.md (CPU: glibc's default allocator keeps FSDP's
+freed per-layer buffers resident; set ``MALLOC_MMAP_THRESHOLD_``).
 
 Devices: the FSDP mesh is the default process group on the device the models already sit on
 (``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo; :func:`default_mesh`), never FSDP's own
@@ -184,15 +188,22 @@ class ShardedModels:
                 shard.copy_(full)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
     """``optimizer.state_dict()`` with every ``DTensor`` state gathered to a full tensor: the
-    single-process format (collective: call on every rank)."""
+    single-process format. Collective: call on every rank. ``keep=False`` (the ranks that do
+    not write the checkpoint) drops each gathered tensor at once and returns ``None``, so those
+    ranks hold one full tensor at a time instead of both full AdamW moments."""
     sd = optimizer.state_dict()
-    sd["state"] = {
-        i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()}
-        for i, st in sorted(sd["state"].items())
-    }
-    return sd
+    state = {}
+    for i, st in sorted(sd["state"].items()):
+        gathered = {}
+        for k, v in st.items():
+            full = v.full_tensor() if isinstance(v, DTensor) else v
+            if keep:
+                gathered[k] = full
+            del full
+        state[i] = gathered
+    return {**sd, "state": state} if keep else None
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
