@@ -113,6 +113,9 @@ def test_train_eval_resume_compare(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "it 1/1" in text and "held-out succ" in text
+    done = text.strip().splitlines()[-1]  # names what was written and the last evaluation
+    assert done.startswith("done: ") and "curves.png" not in done  # --no-plot
+    assert "held-out success" in done and "at iteration 1" in done
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["iters"] == 1 and saved["ratio_level"] == "step"
     assert main(["eval", str(out), "--episodes", "3"]) == 0
@@ -123,7 +126,7 @@ def test_train_eval_resume_compare(tmp_path, capsys):
     again = tmp_path / "again"
     args = ["train", "--model", str(out / "model"), "--iters", "1", "--out", str(again), *SMALL]
     assert main([*args, "--eval-every", "0"]) == 0
-    capsys.readouterr()
+    assert "(not evaluated: --eval-every 0)" in capsys.readouterr().out
     first = build_policy(TrainConfig(model=str(out / "model")), default_tokenizer())
     trained = torch.load(out / "checkpoint.pt", weights_only=False)["policy"]
     for name, value in first.state_dict().items():

@@ -74,11 +74,15 @@ def _cmd_train(args) -> int:
     trainer.train()
     if comm is not None:
         comm.close()
-    last = trainer.rows[-1] if trainer.rows else {}
-    say(
-        f"done: {trainer.out}/metrics.jsonl, curves.png, checkpoint.pt, model/ "
-        f"(held-out success {last.get('eval_success_rate', float('nan')):.2f})"
+    evals = [r for r in trainer.rows if "eval_success_rate" in r]
+    result = (
+        f"held-out success {evals[-1]['eval_success_rate']:.2f} at iteration {evals[-1]['iter']}"
+        if evals
+        else "not evaluated: --eval-every 0"
     )
+    plot = "curves.png, " if trainer.cfg.plot else ""
+    files = f"metrics.jsonl, {plot}checkpoint.pt, model/"
+    say(f"done: {trainer.out}/{files} ({result})")
     return 0
 
 
