@@ -119,3 +119,33 @@ def test_checkpoint_of_two_ranks_resumes_under_one(two_ranks):
     torch.testing.assert_close(flat_params(trainer.models), ranks[0]["trained"], atol=0, rtol=0)
     rows = trainer.train(log=lambda *a: None)
     assert [r["iter"] for r in rows] == [1, 2]
+
+
+def test_meta_copy_copies_no_data_and_keeps_ties():
+    """The FSDP inference copy is built as a meta skeleton (no second full copy at setup)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from steppo_fast.trainer.fsdp import materialize, meta_copy
+
+    config = Qwen2Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    skeleton = meta_copy(model)
+    assert all(t.device.type == "meta" for t in (*skeleton.parameters(), *skeleton.buffers()))
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # still tied
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the original is untouched
+    materialize(skeleton, torch.device("cpu"))
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # to_empty unties
+    assert skeleton.lm_head.weight.device.type == "cpu"
+    assert len(list(skeleton.parameters())) == len(list(model.parameters()))
+    names = [n for n, _ in skeleton.named_parameters()]
+    assert names == [n for n, _ in model.named_parameters()]
+    assert meta_copy(None) is None

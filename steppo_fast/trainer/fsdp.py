@@ -108,6 +108,35 @@ def default_mesh(device: torch.device) -> DeviceMesh:
     return DeviceMesh.from_group(dist.group.WORLD, torch.device(device).type)
 
 
+def meta_copy(module: nn.Module | None) -> nn.Module | None:
+    """A deep copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data is
+    copied; tied parameters stay tied): allocate it with :func:`materialize` and fill it."""
+    if module is None:
+        return None
+    memo = {}
+    for t in (*module.parameters(), *module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        is_param = isinstance(t, nn.Parameter)
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if is_param else meta
+    return copy.deepcopy(module, memo)
+
+
+def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to_empty(device=device)`` (uninitialised storage for a :func:`meta_copy`) that
+    keeps tied parameters tied (``to_empty`` gives each owner its own tensor)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for owner in module.modules():
+        for name, p in owner._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((owner, name))
+    module.to_empty(device=device)
+    for places in owners.values():
+        first, name = places[0]
+        for owner, alias in places[1:]:
+            owner._parameters[alias] = first._parameters[name]
+    return module
+
+
 class ShardedModels:
     """The sharded training modules of ``models`` and their full inference copy.
 
@@ -121,12 +150,12 @@ class ShardedModels:
         self.device = next(models.policy.parameters()).device
         mesh = default_mesh(self.device) if mesh is None else mesh
 
-        def plain(module):
-            return None if module is None else copy.deepcopy(module).eval().requires_grad_(False)
-
+        # the inference copy is built without data first (meta tensors) and filled from the
+        # shards afterwards: the full modules and their copy never coexist (setup peak P + P/W,
+        # not 2 P)
         self.inference = Models(
-            plain(models.policy),
-            plain(models.critic),
+            meta_copy(models.policy),
+            meta_copy(models.critic),
             models.reference,
             forward_mode=models.forward_mode,
             impl=models.impl,
@@ -142,6 +171,14 @@ class ShardedModels:
                 module.set_gradient_divide_factor(1.0)  # sum over ranks, not mean
                 module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
         self._dummy = dummy_batch(self.device)
+        with torch.no_grad():
+            for name in ("policy", "critic"):
+                sharded, full = getattr(self.root, name), getattr(self.inference, name)
+                if sharded is not None:
+                    materialize(full, self.device).eval().requires_grad_(False)
+                    for src, dst in zip(sharded.buffers(), full.buffers(), strict=True):
+                        dst.copy_(src)  # buffers are not sharded (e.g. rotary inv_freq)
+        self.refresh()
 
     # ------------------------------------------------------------------ training
     def forward(self, models, batch, masks, temperature: float, value_units: str | None):
