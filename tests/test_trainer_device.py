@@ -21,6 +21,7 @@ import pathlib
 import pytest
 import torch
 from _device_taint import DEV, HOST, DeviceTaint, tag_of
+from _device_taint import FACTORIES as TAINT_FACTORIES
 from test_trainer_hf import model_dir  # noqa: F401 (fixture: a tiny BPE model directory)
 
 from steppo_fast.envs import default_tokenizer, make_env
@@ -32,22 +33,10 @@ from steppo_fast.trainer.rollout import rollout
 pytest.importorskip("transformers")
 
 TRAINER_DIR = pathlib.Path(__file__).resolve().parent.parent / "steppo_fast" / "trainer"
-FACTORIES = {
-    "zeros",
-    "ones",
-    "full",
-    "empty",
-    "arange",
-    "tensor",
-    "as_tensor",
-    "rand",
-    "randn",
-    "randint",
-    "randperm",
-    "linspace",
-    "eye",
-    "Generator",
-}
+# calls that make a tensor (or generator) on a device of their own choosing: the taint mode's
+# factories minus the ``*_like`` ones and ``from_numpy`` (those follow their input), plus Generator
+FACTORIES = {f for f in TAINT_FACTORIES if not f.endswith("_like") and f != "from_numpy"}
+FACTORIES |= {"Generator"}
 
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:

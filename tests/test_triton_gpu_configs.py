@@ -188,6 +188,10 @@ def test_scans_with_gpu_configs(gpu):
     assert_covered(gpu.used, "scan", "scan_carry")
 
 
+# asymmetric and dual clips and a KL term: every branch of the loss kernels runs
+CLIPS_AND_KL = dict(clip_low=0.1, clip_high=0.15, dual_clip=1.5, kl_coef=0.2)
+
+
 def _loss_batch(lengths, num_trajs, seed):
     gen = torch.Generator().manual_seed(seed)
     cu_steps = offsets(lengths)
@@ -224,10 +228,7 @@ def test_step_policy_loss_with_gpu_configs(gpu, layout):
                 ratio_level=ratio_level,
                 agg=agg,
                 step_weight=b["weight"],
-                clip_low=0.1,
-                clip_high=0.15,
-                dual_clip=1.5,
-                kl_coef=0.2,
+                **CLIPS_AND_KL,
                 kl_type="k3",
                 length_power=0.5 if ratio_level != "token" else 1.0,
             )
@@ -270,10 +271,7 @@ def test_step_loss_trajectory_pass_gpu_configs_all_covered(gpu, ratio_level, agg
                 ratio_level=ratio_level,
                 agg=agg,
                 step_weight=b["weight"],
-                clip_low=0.1,
-                clip_high=0.15,
-                dual_clip=1.5,
-                kl_coef=0.2,
+                **CLIPS_AND_KL,
                 length_power=0.5,
             )
     assert_covered(gpu.used, "step_loss_traj")

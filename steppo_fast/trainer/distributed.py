@@ -74,14 +74,15 @@ class Comm:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks of a list of numbers (in float64)."""
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
         """Element-wise maximum over ranks of a list of numbers (in float64)."""
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
