@@ -48,7 +48,8 @@ def _module(backend: str):
         return f"{_MODULES[backend]} failed to import ({e})"
 
 
-def _device_type(tensors) -> str:
+def device_type_of(tensors) -> str:
+    """Device type of the first tensor among ``tensors`` ("cpu" when there is none)."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
             return t.device.type
@@ -94,7 +95,7 @@ def resolve(impl: str, op: str, *tensors):
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: {impl!r} is not one of {', '.join(map(repr, IMPLS))}")
-    device_type = _device_type(tensors)
+    device_type = device_type_of(tensors)
     if impl == "auto":
         preferred = ("triton", "torch") if device_type == "cuda" else ("cpp", "torch")
         for backend in preferred:

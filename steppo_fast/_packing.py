@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _packing_numba
+
 LAYOUTS = ("auto", "rows", "merged")
 _INT32_MAX = 2**31 - 1
 
@@ -306,10 +308,8 @@ def csr_numpy(records: Records) -> Csr:
 def build_csr(records: Records, use_numba: bool | None = None) -> Csr:
     """CSR arrays from :class:`Records`; ``use_numba`` None = numba when installed and the
     batch is large enough to repay its dispatch (see :mod:`steppo_fast._packing_numba`)."""
-    from . import _packing_numba
-
     if _packing_numba.should_use(
         use_numba, work=records.action_len.size + records.tokens.size // 64
     ):
-        return _packing_numba.csr_numba(records)
+        return Csr(*_packing_numba.csr_numba(records))
     return csr_numpy(records)

@@ -116,18 +116,17 @@ def _jit(fn):
     return numba.njit(cache=True, nogil=True)(fn)
 
 
-def csr_numba(records):
-    """numba version of :func:`steppo_fast._packing.csr_numpy` (identical arrays)."""
-    from ._packing import Csr
-
-    out = _jit(_csr_loop)(
+def csr_numba(records) -> tuple:
+    """numba version of :func:`steppo_fast._packing.csr_numpy`: the same arrays, as the tuple
+    ``(cu_seqlens, action_index, cu_steps, cu_trajs, value_index)`` (the caller wraps it in
+    ``_packing.Csr``; this module never imports ``_packing``, so there is no import cycle)."""
+    return _jit(_csr_loop)(
         records.new_prompt_len,
         records.action_len,
         records.starts_sequence,
         records.traj_num_steps,
         records.tokens.size,
     )
-    return Csr(*out)
 
 
 def ffd_numba(sizes: np.ndarray, order: np.ndarray, max_tokens: int):

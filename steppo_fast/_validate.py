@@ -156,6 +156,26 @@ def is_finite_number(value) -> bool:
     return -math.inf < value < math.inf
 
 
+def check_number(name: str, value, ok=None, rule: str = "finite") -> float:
+    """A finite real number (Python number or 1-element tensor, not bool) for which
+    ``ok(value)`` holds (any finite value when ``ok`` is None); returns it as a float, else
+    ``ValueError`` "{name}: must be {rule}, got ...". A tensor is read on the host, which
+    ``torch.compile`` cannot trace: while compiling it must be a Python number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                f"{name}: pass a Python number under torch.compile (a tensor would be read on "
+                "the host, a graph break)"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not is_finite_number(value) or (ok is not None and not ok(value)):
+        raise ValueError(f"{name}: must be {rule}, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")

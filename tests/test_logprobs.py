@@ -301,11 +301,38 @@ def test_int32_targets_and_noncontiguous_weight():
     assert_close(logp, naive(hidden, weight, targets)[0], torch.float32)
 
 
-def test_auto_and_torch_impl_agree():
-    hidden, weight, targets, bias = make()
-    a = linear_logprobs(hidden, weight, targets, bias=bias, impl="auto")
-    b = linear_logprobs(hidden, weight, targets, bias=bias, impl="torch")
-    assert_close(a, b, torch.float32)
+def test_auto_runs_the_cpu_backend_of_the_dispatch_rule():
+    """On CPU tensors ``impl="auto"`` runs C++ when it implements the op, else the reference."""
+    from steppo_fast import _dispatch, cpu, reference
+
+    hidden = torch.zeros(1, 1)
+    cpp = "cpp" in _dispatch.available_impls("linear_logprobs", "cpu")
+    want = cpu if cpp else reference
+    assert _dispatch.resolve("auto", "linear_logprobs", hidden) is want
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
+def test_other_backends_agree_with_the_reference(impl):
+    """A distinct backend (Triton under the interpreter, C++ if it has the op) gives the
+    reference's log-probs, entropy and gradients (fp32 tolerance, both against fp64 truth)."""
+    from steppo_fast import _dispatch
+
+    if impl not in _dispatch.available_impls("linear_logprobs", "cpu"):
+        pytest.skip(f"{impl} has no CPU linear_logprobs here")
+    results = {}
+    for name in ("torch", impl):
+        torch.manual_seed(1)
+        hidden, weight, targets, bias = make(grad=True)
+        logp, entropy = linear_logprobs(
+            hidden, weight, targets, bias=bias, return_entropy=True, impl=name
+        )
+        (logp.square().sum() + entropy.sum()).backward()
+        results[name] = (logp, entropy, hidden.grad, weight.grad, bias.grad)
+    want_logp, want_entropy = naive(hidden, weight, targets, bias)
+    assert_close(results[impl][0], want_logp, torch.float32)
+    assert_close(results[impl][1], want_entropy, torch.float32)
+    for got, ref in zip(results[impl], results["torch"]):
+        assert_close(got, ref, torch.float32)
 
 
 def test_never_materialises_full_logits():

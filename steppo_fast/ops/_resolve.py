@@ -17,13 +17,6 @@ import torch
 from .. import _dispatch
 
 
-def _device_type(tensors) -> str:
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            return t.device.type
-    return "cpu"
-
-
 @torch.compiler.assume_constant_result
 def _backend_name(impl: str, op: str, device_type: str) -> str:
     """Name of the backend module (runs eagerly at trace time; a constant in the graph)."""
@@ -48,4 +41,4 @@ def resolve(impl: str, op: str, *tensors):
     :func:`steppo_fast._dispatch.resolve`; same errors)."""
     if not torch.compiler.is_compiling():
         return _dispatch.resolve(impl, op, *tensors)
-    return _traceable_import(_backend_name(impl, op, _device_type(tensors)))
+    return _traceable_import(_backend_name(impl, op, _dispatch.device_type_of(tensors)))

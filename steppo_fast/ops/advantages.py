@@ -21,26 +21,14 @@ from .._validate import (
     check_finite,
     check_float,
     check_index,
+    check_number,
     check_offsets,
     check_tensor,
-    is_finite_number,
 )
 from ._resolve import resolve
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 GIGPO_MODES = ("mean_std_norm", "mean_norm")
-
-
-def _check_number(name: str, value, *, low=None, high=None) -> float:
-    """A finite real number (not bool) in ``[low, high]``; returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not is_finite_number(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name}: must lie in [{low}, {high}], got {value}")
-    return value
 
 
 def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None, impl="auto"):
@@ -85,8 +73,8 @@ def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None,
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
         check_finite("last_values", last_values)
-    gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
-    lam = _check_number("lam", lam, low=0.0, high=1.0)
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
+    lam = check_number("lam", lam, lambda v: 0 <= v <= 1, "in [0, 1]")
     check_finite("rewards", rewards)
     check_finite("values", values)
     backend = resolve(impl, "step_gae", rewards, values, cu_trajs)
@@ -126,7 +114,7 @@ def discounted_returns(rewards, cu_trajs, *, gamma=1.0, last_values=None, impl="
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
         check_finite("last_values", last_values)
-    gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
     check_finite("rewards", rewards)
     backend = resolve(impl, "discounted_returns", rewards, cu_trajs)
     return backend.discounted_returns(rewards, cu_trajs, gamma=gamma, last_values=last_values)
@@ -166,7 +154,7 @@ def whiten(x, weight=None, eps=1e-8, *, impl="auto"):
             raise ValueError(f"weight: shape {tuple(weight.shape)} != shape of x {tuple(x.shape)}")
         if weight.dtype != torch.bool:
             check_finite("weight", weight)
-    eps = _check_number("eps", eps, low=0.0)
+    eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
     check_finite("x", x)
     backend = resolve(impl, "whiten", x, weight)
     return backend.whiten(x, weight, eps=eps)
@@ -212,7 +200,7 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6, impl="auto"):
     check_float("scores", scores)
     check_index("group", group, length=scores.shape[0], device=scores.device)
     check_choice("mode", mode, GROUP_MODES)
-    eps = _check_number("eps", eps, low=0.0)
+    eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
     check_finite("scores", scores)
     backend = resolve(impl, "group_advantages", scores, group)
     return backend.group_advantages(scores, group, mode=mode, eps=eps)
@@ -269,10 +257,10 @@ def gigpo_advantages(
     n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
     check_index("group", group, length=n_trajs, device=device)
     check_index("anchor", anchor, length=n_steps, device=device)
-    step_weight = _check_number("step_weight", step_weight)
-    gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
+    step_weight = check_number("step_weight", step_weight)
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
     check_choice("mode", mode, GIGPO_MODES)
-    eps = _check_number("eps", eps, low=0.0)
+    eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
     check_finite("rewards", rewards)
     backend = resolve(impl, "gigpo_advantages", rewards, cu_trajs, group, anchor)
     return backend.gigpo_advantages(

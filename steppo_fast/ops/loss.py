@@ -14,34 +14,15 @@ from .._validate import (
     check_choice,
     check_float,
     check_nonempty_segments,
+    check_number,
     check_offsets,
     check_weights,
-    is_finite_number,
 )
 from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS, PackedStats
 from ..reference.loss import loss_normalizer as _reference_loss_normalizer
 from ._resolve import resolve
 
 STATS_MODES = ("float", "tensor")
-
-
-def _check_number(name: str, value, ok, rule: str) -> float:
-    """A finite real number (Python or 0-d tensor) satisfying ``ok``; returns it as float.
-    A tensor is read on the host, which ``torch.compile`` cannot trace: there it must be a
-    Python number."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        if torch.compiler.is_compiling():
-            raise ValueError(
-                f"{name}: pass a Python number under torch.compile (a tensor would be read on "
-                "the host, a graph break)"
-            )
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not is_finite_number(value) or not ok(value):
-        raise ValueError(f"{name}: must be {rule}, got {value!r}")
-    return value
 
 
 def _check_weights(name: str, w, length: int, device) -> None:
@@ -53,7 +34,7 @@ def _check_weights(name: str, w, length: int, device) -> None:
 def _check_normalizer(normalizer) -> float | None:
     if normalizer is None:
         return None
-    return _check_number("normalizer", normalizer, lambda v: v > 0, "> 0")
+    return check_number("normalizer", normalizer, lambda v: v > 0, "> 0")
 
 
 def kl_penalty(
@@ -126,7 +107,7 @@ def value_loss(
     check_float("old_values", old_values, ndim=1, length=length, device=device)
     check_float("returns", returns, ndim=1, length=length, device=device)
     if clip is not None:
-        clip = _check_number("clip", clip, lambda v: v >= 0, ">= 0 (or None)")
+        clip = check_number("clip", clip, lambda v: v >= 0, ">= 0 (or None)")
     if weight is not None:
         _check_weights("weight", weight, length, device)
     normalizer = _check_normalizer(normalizer)
@@ -254,14 +235,14 @@ def step_policy_loss(
     needs_trajs = ratio_level == "trajectory" or agg == "traj-mean"
     why = "ratio_level='trajectory'" if ratio_level == "trajectory" else "agg='traj-mean'"
     _validate_layout(cu_steps, cu_trajs, num_tokens, num_steps, device, needs_trajs, why)
-    length_power = _check_number("length_power", length_power, lambda v: v >= 0, ">= 0")
-    clip_low = _check_number("clip_low", clip_low, lambda v: 0 <= v < 1, "in [0, 1)")
-    clip_high = _check_number("clip_high", clip_high, lambda v: v >= 0, ">= 0")
+    length_power = check_number("length_power", length_power, lambda v: v >= 0, ">= 0")
+    clip_low = check_number("clip_low", clip_low, lambda v: 0 <= v < 1, "in [0, 1)")
+    clip_high = check_number("clip_high", clip_high, lambda v: v >= 0, ">= 0")
     if dual_clip is not None:
-        dual_clip = _check_number("dual_clip", dual_clip, lambda v: v > 1, "> 1 (or None)")
+        dual_clip = check_number("dual_clip", dual_clip, lambda v: v > 1, "> 1 (or None)")
     if step_weight is not None:
         _check_weights("step_weight", step_weight, num_steps, device)
-    kl_coef = _check_number("kl_coef", kl_coef, lambda v: True, "a finite number")
+    kl_coef = check_number("kl_coef", kl_coef, rule="a finite number")
     if ref_logp is not None:
         check_float("ref_logp", ref_logp, ndim=1, length=num_tokens, device=device)
     elif kl_coef != 0.0:

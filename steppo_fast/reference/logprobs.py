@@ -118,11 +118,6 @@ def _log_softmax_rows_(z) -> None:
     torch.ops.aten._log_softmax.out(z, 1, False, out=z)
 
 
-def _softmax_rows_(z) -> None:
-    """``z <- softmax(z, dim=1)`` in place (the fused row kernel)."""
-    torch.ops.aten._softmax.out(z, 1, False, out=z)
-
-
 def _row_blocks(x, scratch):
     """Yield (row slice of ``x`` [n, C], a contiguous [rows, C] view of the 1-D ``scratch``)
     for consecutive row blocks that fit ``scratch``."""

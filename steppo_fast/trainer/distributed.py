@@ -50,8 +50,8 @@ from .config import TrainConfig, resolve_device
 from .loop import (
     CHECKPOINT,
     Trainer,
-    _k3,
     episode_stats,
+    mean_ref_kl,
     restore_generator,
     train_seed,
     update_fields,
@@ -294,7 +294,7 @@ class DistributedTrainer(Trainer):
         self.iteration += 1
         n = len(res.trajectories)
         local = episode_stats(res.trajectories)
-        ref_kl = 0.0 if ref_logp is None else float(_k3(out.logp, ref_logp)) * batch.num_actions
+        ref_kl = 0.0 if ref_logp is None else mean_ref_kl(out.logp, ref_logp) * batch.num_actions
         diff = float((batch.rollout_logp - out.logp).abs().max()) if batch.num_actions else 0.0
         sums = comm.all_reduce_sum(
             [

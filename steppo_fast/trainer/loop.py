@@ -31,7 +31,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from .. import StepBatch
+from .. import StepBatch, kl_penalty
 from ..envs import make_env
 from .algorithms import compute_targets
 from .config import TrainConfig, resolve_device
@@ -294,7 +294,7 @@ class Trainer:
             action_tokens=batch.num_actions,
             sequences=batch.num_seqs,
             **update_fields(stats, self.wall_s(), t0, t1, t2),
-            ref_kl=None if ref_logp is None else float(_k3(old_logp, ref_logp)),
+            ref_kl=None if ref_logp is None else mean_ref_kl(old_logp, ref_logp),
             logp_diff=float((batch.rollout_logp - old_logp).abs().max())
             if batch.num_actions
             else 0.0,
@@ -374,9 +374,10 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    d = ref_logp - logp
-    return (d.exp() - d - 1).mean() if d.numel() else d.new_zeros(())
+def mean_ref_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """Mean over the action tokens of ``kl_penalty(logp, ref_logp, "k3")`` (the loss's k3,
+    clamped to [-10, 10]); 0.0 without action tokens."""
+    return float(kl_penalty(logp, ref_logp, "k3").mean()) if logp.numel() else 0.0
 
 
 def episode_stats(trajectories: list[dict]) -> dict:

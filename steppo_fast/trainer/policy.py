@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..envs.tokenizer import WordTokenizer, default_tokenizer
+from ..modeling import backbone
 from .config import TrainConfig
 from .hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer
 
@@ -105,11 +106,6 @@ def build_policy(cfg: TrainConfig, tokenizer: WordTokenizer | HFTokenizer) -> nn
             f"--model: the model's vocabulary has {rows} rows < the tokenizer's {len(tokenizer)}"
         )
     return model
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM (``model.base_model``)."""
-    return getattr(model, "base_model", model)
 
 
 class Critic(nn.Module):
