@@ -1,5 +1,12 @@
-"""Build script: the Python package, Triton kernels as ``steppo_fast.kernels`` and, when
-``csrc/`` has sources and torch is importable, the C++ CPU extension ``steppo_fast._C``."""
+"""Build script: the Python package, the Triton kernels in ``kernels/steppo_fast_kernels/``
+installed as ``steppo_fast.kernels`` and, when ``csrc/`` has sources and torch is importable, the
+C++ CPU extension ``steppo_fast._C``.
+
+``kernels/`` itself has no ``__init__.py`` on purpose: from the repository root (``python -m``,
+``torchrun -m``, ``python -m pytest``) the root is on ``sys.path``, and a regular package named
+``kernels`` there would shadow Hugging Face's ``kernels`` package, which transformers imports. A
+folder without ``__init__.py`` is at most a namespace-package candidate, which loses to any
+regular ``kernels`` package later on ``sys.path``."""
 
 import glob
 import os
@@ -28,6 +35,10 @@ def cpp_extensions():
 
 ext_modules, cmdclass = cpp_extensions()
 
+KERNELS_DIR = "kernels/steppo_fast_kernels"
+KERNEL_FAMILIES = ("segment", "scan", "logprobs", "step_loss")
+KERNEL_PACKAGES = ["steppo_fast.kernels", *(f"steppo_fast.kernels.{f}" for f in KERNEL_FAMILIES)]
+
 setup(
     packages=[
         "steppo_fast",
@@ -36,9 +47,9 @@ setup(
         "steppo_fast.trainer",
         "steppo_fast.envs",
         "steppo_fast.integrations",
-        "steppo_fast.kernels",
+        *KERNEL_PACKAGES,
     ],
-    package_dir={"steppo_fast": "steppo_fast", "steppo_fast.kernels": "kernels"},
+    package_dir={"steppo_fast": "steppo_fast", "steppo_fast.kernels": KERNELS_DIR},
     package_data={"steppo_fast.envs": ["*.txt", "*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

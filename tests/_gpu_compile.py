@@ -105,8 +105,13 @@ def kernel_cases(archs=(90, 80)):
     that ``steppo_fast.kernels._configs`` can return (``_configs.gpu_launches``) for every arch;
     its other flag variants (and fp16, which compiles like bf16) with the largest configuration,
     for sm_90 only (they change the epilogue, not the tiling)."""
-    from steppo_fast.kernels import _configs, logprobs, scan, segment, step_loss, step_loss_traj
-    from steppo_fast.kernels import step_loss_finish as finish
+    from steppo_fast.kernels import _configs
+    from steppo_fast.kernels.logprobs import kernel as logprobs
+    from steppo_fast.kernels.scan import kernel as scan
+    from steppo_fast.kernels.segment import kernel as segment
+    from steppo_fast.kernels.step_loss import kernel as step_loss
+    from steppo_fast.kernels.step_loss import kernel_finish, kernel_traj
+    from steppo_fast.kernels.step_loss.ops import finish_cols
 
     launches = _configs.gpu_launches()
     cases = []
@@ -121,33 +126,33 @@ def kernel_cases(archs=(90, 80)):
                         (label, fn, flags, pointers or {}, hints or {}, launch, arch, tensor_cores)
                     )
 
-    add("segment_reduce", segment._segment_reduce_kernel, [dict(MEAN=True)], "segment_reduce",
+    add("segment_reduce", segment.segment_reduce_kernel, [dict(MEAN=True)], "segment_reduce",
         {"x_ptr": "*bf16"})  # fmt: skip
-    add("segment_broadcast", segment._segment_broadcast_kernel,
+    add("segment_broadcast", segment.segment_broadcast_kernel,
         [dict(MEAN=True, LOG2_SEGMENTS=12)], "elementwise")  # fmt: skip
     gae = dict(REVERSE=True, HAS_VALUES=True, HAS_LAST=True, LOG2_SEGMENTS=9)
     grad = dict(REVERSE=False, HAS_VALUES=False, HAS_LAST=False, LOG2_SEGMENTS=9)
-    add("scan_aggregate", scan._scan_aggregate_kernel, [gae, grad], "scan")
-    add("scan_apply", scan._scan_apply_kernel, [dict(gae, HAS_CARRY=True),
+    add("scan_aggregate", scan.scan_aggregate_kernel, [gae, grad], "scan")
+    add("scan_apply", scan.scan_apply_kernel, [dict(gae, HAS_CARRY=True),
         dict(grad, HAS_CARRY=True)], "scan")  # fmt: skip
-    add("scan_carry", scan._scan_carry_kernel, [{}], "scan_carry")
+    add("scan_carry", scan.scan_carry_kernel, [{}], "scan_carry")
     cols = step_loss.NUM_COLS
 
     def loss_flags(ratio):
         return dict(RATIO=ratio, KL_TYPE=3 - ratio, HAS_WEIGHT=True, HAS_DUAL=ratio != 1,
                     NUM_COLS=cols)  # fmt: skip
 
-    add("policy_fwd", step_loss._policy_fwd_kernel,
+    add("policy_fwd", step_loss.policy_fwd_kernel,
         [dict(loss_flags(r), AGG=r) for r in (0, 1, 2)], "step_loss",
         {"logp_ptr": "*bf16"})  # fmt: skip
-    add("policy_bwd", step_loss._policy_bwd_kernel,
+    add("policy_bwd", step_loss.policy_bwd_kernel,
         [dict(loss_flags(r), NEED_OLD=True, NEED_REF=True, NEED_SW=True, SW_IN_DENOM=r != 0)
          for r in (0, 1, 2)], "step_loss")  # fmt: skip
-    add("policy_traj", step_loss_traj._policy_traj_kernel,
+    add("policy_traj", kernel_traj.policy_traj_kernel,
         [dict(RATIO=r, AGG=a, HAS_WEIGHT=True, HAS_DUAL=True, NUM_COLS=cols)
          for r, a in ((2, 2), (2, 0), (2, 1), (1, 2), (0, 2))], "step_loss_traj")  # fmt: skip
-    add("policy_finish", finish._policy_finish_kernel,
-        [dict(HAS_NORMALIZER=n, NUM_COLS=cols, COLS=finish.finish_cols()) for n in (0, 1)],
+    add("policy_finish", kernel_finish.policy_finish_kernel,
+        [dict(HAS_NORMALIZER=n, NUM_COLS=cols, COLS=finish_cols()) for n in (0, 1)],
         "finish")  # fmt: skip
     for dtype in ("bf16", "fp16", "fp32"):
         sixteen = dtype != "fp32"
@@ -156,16 +161,16 @@ def kernel_cases(archs=(90, 80)):
         ptr = "*" + dtype
         pointers = {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "t_ptr": "*i64"}
         head = dict(DOT_FP32=not sixteen, HAS_BIAS=True)
-        add(f"lse_fwd[{dtype}]", logprobs._lse_fwd_kernel,
+        add(f"lse_fwd[{dtype}]", logprobs.lse_fwd_kernel,
             [dict(head, WANT_ENTROPY=True), dict(head, WANT_ENTROPY=False)],
             "lse_fwd" + family, pointers, _HEAD_HINTS, sixteen, full)  # fmt: skip
-        add(f"logit_grad[{dtype}]", logprobs._logit_grad_kernel,
+        add(f"logit_grad[{dtype}]", logprobs.logit_grad_kernel,
             [dict(head, HAS_ENT_GRAD=True, NEED_DB=True, ROUND_BF16=dtype == "bf16"),
              dict(head, HAS_ENT_GRAD=False, NEED_DB=False, ROUND_BF16=dtype == "bf16")],
             "logit_grad" + family, dict(pointers, dz_ptr=ptr), _HEAD_HINTS, sixteen,
             full)  # fmt: skip
         for use, hints in _MM_HINTS.items():
-            add(f"matmul[{dtype},{use}]", logprobs._matmul_kernel,
+            add(f"matmul[{dtype},{use}]", logprobs.matmul_kernel,
                 [dict(DOT_FP32=not sixteen, ACCUMULATE=use == "d_weight")], "matmul" + family,
                 {"a_ptr": ptr, "b_ptr": ptr}, hints, sixteen, full)  # fmt: skip
     return cases

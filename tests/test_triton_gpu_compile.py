@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles with every GPU launch configuration of ``kernels/_configs.py``
+"""Every Triton kernel compiles with every GPU launch configuration of the kernels' ``_configs``
 for an H100 (sm_90) and an A100 (sm_80), without a GPU, and the compiled code is sane:
 
 - no register spills (ptxas ``-v``: 0 bytes spill stores and loads);

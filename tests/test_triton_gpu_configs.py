@@ -1,7 +1,7 @@
-"""The GPU launch configurations of ``kernels/_configs.py`` give the reference results under the
-interpreter: every configuration the table can return on CUDA (``_configs.gpu_launches``) is run
-once on a small shape with tails in every tiled dimension, so a configuration that is wrong for
-masking, tails or grid sizes fails here, not on a GPU.
+"""The GPU launch configurations of ``steppo_fast.kernels._configs`` give the reference results
+under the interpreter: every configuration the table can return on CUDA
+(``_configs.gpu_launches``) is run once on a small shape with tails in every tiled dimension,
+so a configuration that is wrong for masking, tails or grid sizes fails here, not on a GPU.
 
 The device decides the configuration (``_configs.gpu_of``); these tests make CPU tensors look
 like an H100 with 1 SM (every shape takes the large tiles) or with 10**6 SMs (every shape takes

@@ -6,7 +6,7 @@ temperature, chunking, odd shapes, empty input; registered-op checks."""
 import pytest
 import torch
 from conftest import TOL
-from steppo_fast.kernels import logprobs_ops
+from steppo_fast.kernels.logprobs import ops as logprobs_ops
 
 from steppo_fast import linear_logprobs
 

@@ -5,7 +5,7 @@ GAE over the action axis, registered-op checks."""
 import pytest
 import torch
 from conftest import TOL
-from steppo_fast.kernels import scan, scan_ops
+from steppo_fast.kernels.scan import ops as scan_ops
 
 from steppo_fast import discounted_returns, step_gae
 
@@ -84,7 +84,7 @@ def test_many_chunks_exercise_the_carry_loop(reverse):
     cu = offsets([300, 1, 0, 190, 7, 470])
     n = int(cu[-1])
     x, v, last = torch.randn(n), torch.randn(n), torch.randn(cu.numel() - 1)
-    got, got_ret = scan.linear_scan(
+    got, got_ret = scan_ops.linear_scan(
         x,
         cu,
         decay=0.9 * 0.98,

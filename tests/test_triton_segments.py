@@ -4,7 +4,7 @@ forward and backward, against the torch reference on random CSR layouts; registe
 import pytest
 import torch
 from conftest import TOL
-from steppo_fast.kernels import segment_ops
+from steppo_fast.kernels.segment import ops as segment_ops
 
 from steppo_fast import segment_broadcast, segment_mean, segment_sum
 

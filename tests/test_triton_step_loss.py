@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import TOL
-from steppo_fast.kernels import step_loss_launch, step_loss_ops
+from steppo_fast.kernels.step_loss import ops as step_loss_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -324,22 +324,22 @@ def test_forward_and_backward_run_no_torch_compute_op(monkeypatch, ratio, agg, f
     + the finishing kernel, backward = one kernel: no torch epilogue (no sum, min, where,
     division, segment op) around them."""
     b = make_batch()
-    options = step_loss_launch.LossOptions(
+    options = step_loss_ops.LossOptions(
         **op_options(ratio_level=step_loss_ops._RATIO[ratio], agg=step_loss_ops._AGG[agg])
     )
     tensors = (b["logp"], b["old"], b["adv"], b["cu_steps"])
     grad = torch.tensor(1.0)
     launches = _CountLaunches(monkeypatch)
     with _RecordOps() as forward:
-        loss, stats, denominator, table = step_loss_launch.policy_loss_forward(
+        loss, stats, denominator, table = step_loss_ops.policy_loss_forward(
             *tensors, b["cu_trajs"], b["weight"], b["ref"], options
         )
     assert len(launches.names) == forward_launches, launches.names
     with _RecordOps() as backward:
-        grads = step_loss_launch.policy_loss_backward(
+        grads = step_loss_ops.policy_loss_backward(
             grad, *tensors, b["weight"], b["ref"], (loss, denominator, table), options, (True,) * 3
         )
-    assert launches.names[forward_launches:] == ["_policy_bwd_kernel"]
+    assert launches.names[forward_launches:] == ["policy_bwd_kernel"]
     assert forward.names <= ALLOWED_OPS and backward.names <= ALLOWED_OPS
     leaves = [t.clone().requires_grad_() for t in (*tensors[:3], b["weight"], b["ref"])]
     want, want_stats = step_policy_loss(

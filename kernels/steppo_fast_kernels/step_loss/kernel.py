@@ -1,17 +1,18 @@
-"""Triton kernels for the fused step policy loss (forward and backward) over CSR ``cu_steps``.
+"""Triton kernels (``@triton.jit`` only) of the fused step policy loss (forward and backward)
+over CSR ``cu_steps``.
 
-Forward, ``_policy_fwd_kernel``: one program per block of ``BLOCK_S`` steps walks a
+Forward, ``policy_fwd_kernel``: one program per block of ``BLOCK_S`` steps walks a
 ``[BLOCK_S, BLOCK_T]`` tile along its steps' action-token spans (no ``[S, max_len]``
 padding in memory: masked lanes are never loaded), and for each step writes one row of the
 per-step table ``table`` [S, NUM_COLS] (fp32): its weighted loss, KL and stats sums, and the
 coefficients the backward needs. Per token it reads logp, old_logp (and ref_logp with KL).
-``step_loss_finish._policy_finish_kernel`` then reduces the table to the loss and the stats.
+``kernel_finish.policy_finish_kernel`` then reduces the table to the loss and the stats.
 
 - ratio "token": every token is a unit (PPO); its loss, clip flags and d L / d A are summed
   over the step with the step's uniform per-token weight.
 - ratio "step": l_s = sum_i x_i / n_s ** p from the tile sums, then the unit terms.
 - ratio "trajectory": the step kernel only writes the log-ratio sums (and the KL part of the
-  step-weight derivative); ``step_loss_traj._policy_traj_kernel`` (one program per block of
+  step-weight derivative); ``kernel_traj.policy_traj_kernel`` (one program per block of
   trajectories) reduces them per trajectory and writes the unit columns of every step.
 
 Weights: every unit weight is w_u = b_u * sw_s, the base b_u fixed by ``agg`` (1, n_s, 1/n_s
@@ -20,10 +21,10 @@ sw) times the step weight. Hence d w_u / d sw_s = b_u, and the table keeps per s
 ``COL_DSW`` = sum_u b_u L_u + kl_coef sum_t b'_t KL_t and ``COL_BASE_W`` = sum_u b_u, from
 which the backward forms d loss / d sw_s = (DSW_s - [D = sum_u w_u] loss BASE_W_s) / D.
 For traj-mean the step kernel writes the columns with the bases before the 1/c_b factor (1
-per unit) and leaves the KL part out of ``COL_DSW``; ``_policy_traj_kernel`` counts c_b and
+per unit) and leaves the KL part out of ``COL_DSW``; ``policy_traj_kernel`` counts c_b and
 scales the columns (``COL_KL`` keeps the raw KL sum for that).
 
-Backward, ``_policy_bwd_kernel``: the same tiling writes d logp (and d old_logp, d ref_logp
+Backward, ``policy_bwd_kernel``: the same tiling writes d logp (and d old_logp, d ref_logp
 when asked) for every action token in one pass: ``d x_i = DLR_s`` (a per-step coefficient from
 the forward) for step/trajectory ratios, recomputed per token for token ratios, plus the KL
 term's per-token derivative; and per step d advantages and d step_weight. Everything is scaled
@@ -114,7 +115,7 @@ def _kl_terms(lp, rl, KL_TYPE: tl.constexpr):
 
 
 @triton.jit
-def _length_pow(n, length_power):
+def length_pow(n, length_power):
     """n ** length_power for n >= 1 (exact division by n for power 1)."""
     return tl.where(length_power == 1.0, n, tl.exp(length_power * tl.log(n)))
 
@@ -136,7 +137,7 @@ def _step_block(cu_ptr, sw_ptr, num_steps, HAS_WEIGHT: tl.constexpr, BLOCK_S: tl
 
 
 @triton.jit
-def _policy_fwd_kernel(
+def policy_fwd_kernel(
     logp_ptr,  # [A] current log-probs (fp32/bf16/fp16)
     old_ptr,  # [A] rollout log-probs
     ref_ptr,  # [A] reference log-probs (read only when KL_TYPE != 0)
@@ -170,7 +171,7 @@ def _policy_fwd_kernel(
     elif AGG == 1:
         tok_base = tl.full([BLOCK_S], 1.0, tl.float32)
         unit_base = n
-    else:  # traj-mean: the bases before the 1/c_b factor (applied by _policy_traj_kernel)
+    else:  # traj-mean: the bases before the 1/c_b factor (applied by policy_traj_kernel)
         tok_base = tl.full([BLOCK_S], 1.0, tl.float32)
         unit_base = tl.full([BLOCK_S], 1.0, tl.float32)
     tok_w = sw * tok_base
@@ -218,7 +219,7 @@ def _policy_fwd_kernel(
     tl.store(row + COL_WAKL, -tok_w * lr_sum, mask=s_mask)
     tl.store(row + COL_TOK_W, tok_w, mask=s_mask)
     tl.store(row + COL_KL, kl_sum, mask=s_mask)
-    if AGG == 2:  # the KL term's part of COL_DSW needs 1/c_b: _policy_traj_kernel adds it
+    if AGG == 2:  # the KL term's part of COL_DSW needs 1/c_b: policy_traj_kernel adds it
         kl_dsw = tl.zeros([BLOCK_S], dtype=tl.float32)
     else:
         kl_dsw = kl_coef * tok_base * kl_sum  # the KL term's part of COL_DSW
@@ -238,18 +239,18 @@ def _policy_fwd_kernel(
     else:
         tl.store(row + COL_BASE_W, unit_base, mask=s_mask)
         if RATIO == 1:
-            norm = _length_pow(n, length_power)
-            d_unit = _store_unit_terms(
+            norm = length_pow(n, length_power)
+            d_unit = store_unit_terms(
                 row, lr_sum / norm, adv, sw, unit_base, kl_dsw, s_mask, clip_low, clip_high,
                 dual_clip, HAS_DUAL,
             )  # fmt: skip
             tl.store(row + COL_DLR, d_unit / norm, mask=s_mask)
-        else:  # _policy_traj_kernel writes the unit columns
+        else:  # policy_traj_kernel writes the unit columns
             tl.store(row + COL_DSW, kl_dsw, mask=s_mask)
 
 
 @triton.jit
-def _store_unit_terms(
+def store_unit_terms(
     row,  # [BLOCK] (any shape) pointers to the steps' table rows
     log_ratio,  # [BLOCK] unit log-ratios
     adv,  # [BLOCK] advantages (0 on invalid steps)
@@ -283,7 +284,7 @@ def _store_unit_terms(
 
 
 @triton.jit
-def _policy_bwd_kernel(
+def policy_bwd_kernel(
     logp_ptr,  # [A] current log-probs
     old_ptr,  # [A] rollout log-probs
     ref_ptr,  # [A] reference log-probs (KL_TYPE != 0 only)

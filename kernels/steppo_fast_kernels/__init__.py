@@ -2,12 +2,18 @@
 
 Exposes functions named like the public ops, with the reference signatures minus ``impl``
 (the backend contract of :mod:`steppo_fast._dispatch`); they take already-validated inputs.
-Each op family is one kernel module (``segment``, ``scan``, ``step_loss``,
-``logprobs``) plus one module registering its ``torch.library`` ops in the namespace
-``steppo_fast_triton`` and holding the backend functions (``*_ops``); the step loss keeps its
-launchers apart (``step_loss_launch``) and has two more kernels: the per-trajectory pass for
-trajectory ratios and traj-mean (``step_loss_traj``) and the finishing reduction of loss and
-stats (``step_loss_finish``). Every launcher takes its tile sizes, ``num_warps`` and
+One folder per op family (``segment``, ``scan``, ``logprobs``, ``step_loss``), one rule in
+each: the ``@triton.jit`` code lives in ``kernel*.py`` files (kernels, jit helpers and their
+constexpr constants; no torch import, no launch), and ``ops.py`` holds the host side: the
+launchers, the ``torch.library`` ops registered in the namespace ``steppo_fast_triton`` with
+their fakes and autograd, and the backend functions re-exported here. The step loss has three
+kernel files (token kernels, per-trajectory pass, finishing reduction), the others one. A family
+imports only its own files and the shared ``_common`` (CSR segment lookup, small host helpers)
+and ``_configs`` (launch configurations). On disk this package is
+``kernels/steppo_fast_kernels/``, mapped by setup.py to ``steppo_fast.kernels``: the top-level
+``kernels/`` folder has no ``__init__.py``, so from the repository root ``import kernels`` never
+finds this code (that name belongs to Hugging Face's ``kernels`` package, which transformers
+imports). Every launcher takes its tile sizes, ``num_warps`` and
 ``num_stages`` from ``_configs`` (small tiles on CPU for the interpreter, a static GPU table on
 CUDA chosen from the shapes; see bench/ROOFLINE.md, "Launch configurations"). Layers: kernel ->
 launcher -> registered op (``torch.library.custom_op`` + ``register_fake`` +
@@ -24,10 +30,10 @@ kl_penalty) are absent on purpose: ``impl="auto"`` then uses the reference (see
 bench/ROOFLINE.md for why torch ops are at the floor for them).
 """
 
-from .logprobs_ops import linear_logprobs
-from .scan_ops import discounted_returns, step_gae
-from .segment_ops import segment_broadcast, segment_mean, segment_sum
-from .step_loss_ops import step_policy_loss
+from .logprobs.ops import linear_logprobs
+from .scan.ops import discounted_returns, step_gae
+from .segment.ops import segment_broadcast, segment_mean, segment_sum
+from .step_loss.ops import step_policy_loss
 
 __all__ = [
     "discounted_returns",

@@ -1,8 +1,8 @@
 """Trajectory pass of the fused step policy loss: the per-trajectory work of ratio
 "trajectory" (GSPO) and agg "traj-mean", on the per-step table written by
-``step_loss._policy_fwd_kernel`` and before ``step_loss_finish._policy_finish_kernel``.
+``kernel.policy_fwd_kernel`` and before ``kernel_finish.policy_finish_kernel``.
 
-``_policy_traj_kernel``: one program per block of ``BLOCK_B`` trajectories walks their steps
+``policy_traj_kernel``: one program per block of ``BLOCK_B`` trajectories walks their steps
 (``cu_trajs``) in ``[BLOCK_B, BLOCK_K]`` tiles, three passes over the trajectory's O(steps)
 entries (never its tokens):
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .step_loss import (
+from .kernel import (
     COL_BASE_W,
     COL_DADV,
     COL_DLR,
@@ -45,8 +45,8 @@ from .step_loss import (
     COL_WK,
     COL_WL,
     COL_WRHO,
-    _length_pow,
-    _store_unit_terms,
+    length_pow,
+    store_unit_terms,
 )
 
 
@@ -74,7 +74,7 @@ def _traj_steps(first, count, k0, cu_ptr, sw_ptr, HAS_WEIGHT: tl.constexpr, BLOC
 
 
 @triton.jit
-def _policy_traj_kernel(
+def policy_traj_kernel(
     adv_ptr,  # [S] advantages (ratio "trajectory" only)
     sw_ptr,  # [S] step weights (HAS_WEIGHT only; else 1)
     cu_ptr,  # [S+1] cu_steps offsets
@@ -83,9 +83,9 @@ def _policy_traj_kernel(
     lr_sum_ptr,  # [S] fp32: per-step sums of the (masked) log-ratios (ratio "trajectory" only)
     num_trajs,  # B
     length_power,  # p in l_b = X_b / c_toks_b ** p
-    clip_low,  # as in _policy_fwd_kernel
-    clip_high,  # as in _policy_fwd_kernel
-    dual_clip,  # as in _policy_fwd_kernel (HAS_DUAL only)
+    clip_low,  # as in policy_fwd_kernel
+    clip_high,  # as in policy_fwd_kernel
+    dual_clip,  # as in policy_fwd_kernel (HAS_DUAL only)
     kl_coef,  # weight of the KL term (traj-mean part of COL_DSW)
     RATIO: tl.constexpr,  # 0 token, 1 step, 2 trajectory
     AGG: tl.constexpr,  # 0 step-mean, 1 token-mean, 2 traj-mean
@@ -117,7 +117,7 @@ def _policy_traj_kernel(
         unit_scale = tok_scale
     else:
         unit_scale = (1.0 / tl.maximum(tl.sum(acc_steps, axis=1), 1.0))[:, None]
-    norm = _length_pow(counted_toks, length_power)[:, None]  # trajectory ratios
+    norm = length_pow(counted_toks, length_power)[:, None]  # trajectory ratios
     traj_l = tl.sum(acc_lr, axis=1)[:, None] / norm  # l_b
 
     # pass 2: traj-mean scaling, trajectory unit terms
@@ -155,7 +155,7 @@ def _policy_traj_kernel(
             adv = tl.where(valid, adv, 0.0)
             log_ratio = traj_l + tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             tl.store(row + COL_BASE_W, unit_base, mask=mask)
-            d_unit = _store_unit_terms(
+            d_unit = store_unit_terms(
                 row, log_ratio, adv, sw, unit_base, kl_dsw, mask, clip_low, clip_high, dual_clip,
                 HAS_DUAL,
             )  # fmt: skip

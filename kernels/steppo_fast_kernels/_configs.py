@@ -101,7 +101,7 @@ _LSE32 = _launch(4, 2, BLOCK_M=64, BLOCK_V=64, BLOCK_H=32)
 _GRAD16 = _launch(8, 3, BLOCK_M=64, BLOCK_V=128, BLOCK_H=64)
 _GRAD32 = _launch(4, 2, BLOCK_M=32, BLOCK_V=64, BLOCK_H=32)
 # Backward GEMMs (fp32 out). GROUP_P = 8 row tiles per launch group (L2 reuse, see
-# logprobs._matmul_kernel).
+# logprobs.matmul_kernel).
 _MM16_BIG = _launch(8, 3, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8)
 _MM16_SMALL = _launch(4, 4, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=64, GROUP_P=8)
 _MM32 = _launch(4, 3, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, GROUP_P=8)
@@ -137,7 +137,7 @@ def _csr_tile(gpu: Gpu, num_segments: int, num_entries: int, elems: int, warps: 
 
 
 def lse_fwd(gpu: Gpu | None, num_rows: int, sixteen_bit: bool) -> Launch:
-    """``_lse_fwd_kernel`` (one program per BLOCK_M rows streams all of W). ``sixteen_bit``:
+    """``lse_fwd_kernel`` (one program per BLOCK_M rows streams all of W). ``sixteen_bit``:
     hidden and weight are both bf16 (or both fp16): tensor-core tiles."""
     if gpu is None:
         return _CPU["lse_fwd"]
@@ -147,14 +147,14 @@ def lse_fwd(gpu: Gpu | None, num_rows: int, sixteen_bit: bool) -> Launch:
 
 
 def logit_grad(gpu: Gpu | None, sixteen_bit: bool) -> Launch:
-    """``_logit_grad_kernel`` (one program per BLOCK_V vocabulary entries walks the chunk)."""
+    """``logit_grad_kernel`` (one program per BLOCK_V vocabulary entries walks the chunk)."""
     if gpu is None:
         return _CPU["logit_grad"]
     return _GRAD16 if sixteen_bit else _GRAD32
 
 
 def matmul(gpu: Gpu | None, size_p: int, size_q: int, sixteen_bit: bool) -> Launch:
-    """``_matmul_kernel`` for a [size_p, size_q] output."""
+    """``matmul_kernel`` for a [size_p, size_q] output."""
     if gpu is None:
         return _CPU["matmul"]
     if not sixteen_bit:
@@ -164,21 +164,21 @@ def matmul(gpu: Gpu | None, size_p: int, size_q: int, sixteen_bit: bool) -> Laun
 
 
 def segment_reduce(gpu: Gpu | None, num_segments: int, num_entries: int) -> Launch:
-    """``_segment_reduce_kernel`` over S segments holding A entries."""
+    """``segment_reduce_kernel`` over S segments holding A entries."""
     if gpu is None:
         return _CPU["segment_reduce"]
     return _csr_tile(gpu, num_segments, num_entries, _SEGMENT_ELEMS, 8)
 
 
 def step_loss(gpu: Gpu | None, num_steps: int, num_tokens: int) -> Launch:
-    """``_policy_fwd_kernel`` / ``_policy_bwd_kernel`` over S steps holding A action tokens."""
+    """``policy_fwd_kernel`` / ``policy_bwd_kernel`` over S steps holding A action tokens."""
     if gpu is None:
         return _CPU["step_loss"]
     return _csr_tile(gpu, num_steps, num_tokens, _LOSS_ELEMS, 4)
 
 
 def step_loss_traj(gpu: Gpu | None, num_trajs: int, num_steps: int) -> Launch:
-    """``_policy_traj_kernel`` over B trajectories holding S steps."""
+    """``policy_traj_kernel`` over B trajectories holding S steps."""
     if gpu is None:
         return _CPU["step_loss_traj"]
     block_k = 8 if num_steps <= _SHORT_TRAJ * max(num_trajs, 1) else 32

@@ -1,5 +1,5 @@
-"""Registered ops (namespace ``steppo_fast_triton``) and backend functions for the segment
-family: segment_sum, segment_mean, segment_broadcast.
+"""Launchers, registered ops (namespace ``steppo_fast_triton``) and backend functions of the
+segment family: segment_sum, segment_mean, segment_broadcast (kernels in ``kernel.py``).
 
 Ops are ``torch.library.custom_op`` (opaque to torch.compile, traced through their fake
 implementations) rather than ``triton_op``: ``triton_op`` traces into the kernel under fake /
@@ -15,17 +15,60 @@ fp64 inputs go to the torch reference (the gradcheck path; Triton fp64 is not th
 from __future__ import annotations
 
 import torch
+import triton
 
-from . import segment as _k
-from ._common import is_fp64
+from .. import _configs
+from .._common import is_fp64, log2_ceil
+from . import kernel as _k
 
 _NS = "steppo_fast_triton"
+
+# Launch configurations (BLOCK_S x BLOCK_T reduce tiles, BLOCK broadcast entries, num_warps)
+# come from _configs: per device, and for the reduce by the mean segment length.
+
+
+def segment_reduce(x: torch.Tensor, cu: torch.Tensor, *, mean: bool) -> torch.Tensor:
+    """Per-segment sum (or mean) of ``x`` [A] over ``cu`` [S+1] -> fp32 [S]."""
+    x, cu = x.contiguous(), cu.contiguous()
+    num_segments = cu.numel() - 1
+    out = torch.empty(num_segments, dtype=torch.float32, device=x.device)
+    if num_segments == 0:
+        return out
+    launch = _configs.segment_reduce(_configs.gpu_of(x.device), num_segments, x.numel())
+    grid = (triton.cdiv(num_segments, launch["BLOCK_S"]),)
+    _k.segment_reduce_kernel[grid](x, cu, out, num_segments, MEAN=mean, **launch.kwargs())
+    return out
+
+
+def segment_expand(y: torch.Tensor, cu: torch.Tensor, num_entries: int, *, mean: bool):
+    """Copy ``y[s]`` (divided by ``n_s`` when ``mean``) to each entry of segment s -> fp32 [A]."""
+    y, cu = y.contiguous(), cu.contiguous()
+    out = torch.empty(num_entries, dtype=torch.float32, device=y.device)
+    if num_entries == 0:
+        return out
+    num_segments = cu.numel() - 1
+    launch = _configs.fixed(_configs.gpu_of(y.device), "elementwise")
+    grid = (triton.cdiv(num_entries, launch["BLOCK"]),)
+    _k.segment_broadcast_kernel[grid](
+        y,
+        cu,
+        out,
+        num_entries,
+        num_segments,
+        MEAN=mean,
+        LOG2_SEGMENTS=log2_ceil(num_segments),
+        **launch.kwargs(),
+    )
+    return out
+
+
+# ---- registered ops ----
 
 
 @torch.library.custom_op(f"{_NS}::segment_reduce", mutates_args=())
 def segment_reduce_op(x: torch.Tensor, cu: torch.Tensor, mean: bool) -> torch.Tensor:
     """fp32 [S] per-segment sum (mean when ``mean``) of ``x`` [A] over ``cu`` [S+1]."""
-    return _k.segment_reduce(x, cu, mean=mean)
+    return segment_reduce(x, cu, mean=mean)
 
 
 @segment_reduce_op.register_fake
@@ -38,7 +81,7 @@ def segment_expand_op(
     y: torch.Tensor, cu: torch.Tensor, num_entries: int, mean: bool
 ) -> torch.Tensor:
     """fp32 [num_entries]: ``y[s]`` (``/ n_s`` when ``mean``) copied to segment s's entries."""
-    return _k.segment_expand(y, cu, num_entries, mean=mean)
+    return segment_expand(y, cu, num_entries, mean=mean)
 
 
 @segment_expand_op.register_fake

@@ -1,5 +1,6 @@
-"""Triton segmented linear-recurrence scan: step_gae, discounted_returns (and the backward of
-discounted_returns), over CSR offsets ``cu`` [B+1] on a flat axis of length n.
+"""Triton kernels (``@triton.jit`` only) of the segmented linear-recurrence scan: step_gae,
+discounted_returns (and the backward of discounted_returns), over CSR offsets ``cu`` [B+1] on
+a flat axis of length n.
 
 Every recurrence here is ``y_j = b_j + a_j * y_{j-1}`` in a *scan order* j: for the reverse
 recurrences (GAE, returns) j runs from the end of the flat array (t = n - 1 - j), for the
@@ -8,12 +9,12 @@ forward one (the gradient of returns) j = t. Segment boundaries need no special 
 the whole batch is one flat linear-recurrence scan, parallel whatever the segment lengths
 (a 100k-token trajectory is split over many programs like everything else):
 
-1. ``_scan_aggregate_kernel``: program c scans its ``BLOCK`` elements with
+1. ``scan_aggregate_kernel``: program c scans its ``BLOCK`` elements with
    ``tl.associative_scan`` on pairs ``(a, b)`` and writes the chunk's composed map
    ``(prod a, local y at its last element)``.
-2. ``_scan_carry_kernel``: one program scans the C chunk maps (in tiles of ``BLOCK`` maps, with
+2. ``scan_carry_kernel``: one program scans the C chunk maps (in tiles of ``BLOCK`` maps, with
    a running carry), giving ``Y[c]`` = y at the last element of chunk c.
-3. ``_scan_apply_kernel``: program c redoes its local scan and adds ``(prod a up to j) *
+3. ``scan_apply_kernel``: program c redoes its local scan and adds ``(prod a up to j) *
    Y[c-1]``, then writes y (and, for GAE, returns = y + V).
 
 One chunk (n <= BLOCK) needs only the apply kernel. Per element: GAE reads r, V, V_{t+1} and
@@ -23,15 +24,10 @@ element's trajectory for its bootstrap value and boundary test.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from . import _configs
-from ._common import find_segment, log2_ceil
-
-# Chunk size (BLOCK elements per program), carry tile and num_warps come from _configs (per
-# device); ``linear_scan(block=..., carry_block=...)`` overrides the tiles (tests).
+from .._common import find_segment
 
 
 @triton.jit
@@ -91,7 +87,7 @@ def _scan_terms(
 
 
 @triton.jit
-def _scan_aggregate_kernel(
+def scan_aggregate_kernel(
     x_ptr,
     values_ptr,
     last_ptr,
@@ -134,7 +130,7 @@ def _scan_aggregate_kernel(
 
 
 @triton.jit
-def _scan_carry_kernel(
+def scan_carry_kernel(
     agg_a_ptr,  # [C] fp32: chunk maps' a (product of a over the chunk)
     agg_b_ptr,  # [C] fp32: chunk maps' b (local y at the chunk end)
     carry_ptr,  # [C] fp32 out: Y[c] = y at the last element of chunk c (full scan)
@@ -155,7 +151,7 @@ def _scan_carry_kernel(
 
 
 @triton.jit
-def _scan_apply_kernel(
+def scan_apply_kernel(
     x_ptr,
     values_ptr,
     last_ptr,
@@ -199,79 +195,3 @@ def _scan_apply_kernel(
     if HAS_VALUES:
         v = tl.load(values_ptr + t, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_plus_v_ptr + t, y + v, mask=mask)
-
-
-def linear_scan(
-    x: torch.Tensor,
-    cu: torch.Tensor,
-    *,
-    decay: float,
-    gamma: float = 0.0,
-    values: torch.Tensor | None = None,
-    last_values: torch.Tensor | None = None,
-    reverse: bool = True,
-    block: int | None = None,
-    carry_block: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Segmented scan launcher.
-
-    reverse=True: ``y_t = b_t + decay * y_{t+1}`` within each segment, where ``b_t = x_t +
-    gamma * V_{t+1} - V_t`` (``V_T = last_values[seg]`` or 0) when ``values`` is given (GAE),
-    else ``b_t = x_t`` plus ``gamma * last_values[seg]`` on each segment's last element
-    (discounted returns). reverse=False: ``y_t = x_t + decay * y_{t-1}`` within segments.
-    Returns ``(y, y + values)`` (the second None without values), both fp32 [n].
-    ``block`` / ``carry_block`` (powers of two) override the chunk and carry tile sizes of the
-    device's launch configuration (``_configs.fixed(gpu, "scan" / "scan_carry")``).
-    """
-    x, cu = x.contiguous(), cu.contiguous()
-    values = None if values is None else values.contiguous()
-    last_values = None if last_values is None else last_values.contiguous()
-    n = x.numel()
-    y = torch.empty(n, dtype=torch.float32, device=x.device)
-    y_plus_v = torch.empty_like(y) if values is not None else None
-    if n == 0:
-        return y, y_plus_v
-    gpu = _configs.gpu_of(x.device)
-    scan_launch = _configs.fixed(gpu, "scan")
-    carry_launch = _configs.fixed(gpu, "scan_carry")
-    block = block or scan_launch["BLOCK"]
-    carry_block = carry_block or carry_launch["BLOCK"]
-    num_segments = cu.numel() - 1
-    num_chunks = triton.cdiv(n, block)
-    common = dict(
-        REVERSE=reverse,
-        HAS_VALUES=values is not None,
-        HAS_LAST=last_values is not None,
-        LOG2_SEGMENTS=log2_ceil(num_segments),
-        BLOCK=block,
-        num_warps=scan_launch.num_warps,
-    )
-    v_arg = values if values is not None else x  # placeholder pointer, never read
-    last_arg = last_values if last_values is not None else x  # placeholder, never read
-    carry = y  # placeholder pointer when there is a single chunk
-    if num_chunks > 1:
-        agg_a = torch.empty(num_chunks, dtype=torch.float32, device=x.device)
-        agg_b = torch.empty_like(agg_a)
-        _scan_aggregate_kernel[(num_chunks,)](
-            x, v_arg, last_arg, cu, agg_a, agg_b, n, num_segments, decay, gamma, **common
-        )
-        carry = torch.empty_like(agg_a)
-        _scan_carry_kernel[(1,)](
-            agg_a, agg_b, carry, num_chunks, BLOCK=carry_block, num_warps=carry_launch.num_warps
-        )
-    _scan_apply_kernel[(num_chunks,)](
-        x,
-        v_arg,
-        last_arg,
-        cu,
-        carry,
-        y,
-        y_plus_v if y_plus_v is not None else y,
-        n,
-        num_segments,
-        decay,
-        gamma,
-        HAS_CARRY=num_chunks > 1,
-        **common,
-    )
-    return y, y_plus_v

@@ -3,9 +3,9 @@
 
 Forward: one fused kernel (GEMM tiles + online log-sum-exp + entropy), saving lse [M] (and the
 entropy) only. Backward, per chunk of ``rows`` rows (all Triton, 1-3 launches per chunk):
-``_logit_grad_kernel`` recomputes the chunk's logit tiles and writes ``dz / T`` into a reused
+``logit_grad_kernel`` recomputes the chunk's logit tiles and writes ``dz / T`` into a reused
 [rows, V] buffer **of the GEMM dtype** (extra memory O(chunk * V), as the public op promises)
-and adds its fp32 column sums to d bias; ``_matmul_kernel`` then forms ``d hidden[chunk] =
+and adds its fp32 column sums to d bias; ``matmul_kernel`` then forms ``d hidden[chunk] =
 (dz / T) @ W`` and accumulates ``d W += (dz / T)^T @ h[chunk]`` in one fp32 [V, H] buffer.
 Every vocabulary entry contributes (no gradient filtering); no atomics (deterministic).
 
@@ -24,7 +24,7 @@ Why materialise dz per chunk and not fuse the GEMMs (bench/ROOFLINE.md section 4
 numbers): a program cannot hold d hidden [BLOCK_M, H] or d W [BLOCK_V, H] at H = 4096, so a
 fused kernel needs fp32 atomics (~2.5 TB of read-modify-write at the target shape,
 non-deterministic) or a second logit recomputation (+2MVH FLOPs); the bf16 dz round trip is
-``6-8 MV`` bytes, 20-27 ms against ~200 ms of GEMMs. The GEMMs are Triton (``_matmul_kernel``)
+``6-8 MV`` bytes, 20-27 ms against ~200 ms of GEMMs. The GEMMs are Triton (``matmul_kernel``)
 because cuBLAS' bf16-in / fp32-out accumulation (``out_dtype``) exists only in CUDA builds of
 torch and could not be run here.
 
@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _configs
-from . import logprobs as _k
+from .. import _configs
+from . import kernel as _k
 
 _NS = "steppo_fast_triton"
 # Tile sizes (BLOCK_M rows, BLOCK_V vocabulary entries, BLOCK_H hidden slice; GEMM BLOCK_P x
@@ -70,13 +70,13 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` with ``_matmul_kernel``: a [P, K], b [K, Q] (any strides, GEMM dtype),
+    """``out (+)= a @ b`` with ``matmul_kernel``: a [P, K], b [K, Q] (any strides, GEMM dtype),
     out [P, Q] fp32; fp32 accumulation."""
     size_p, size_k = a.shape
     size_q = b.shape[1]
     launch = _configs.matmul(_configs.gpu_of(out.device), size_p, size_q, _sixteen_bit(a, b))
     grid = (triton.cdiv(size_p, launch["BLOCK_P"]) * triton.cdiv(size_q, launch["BLOCK_Q"]),)
-    _k._matmul_kernel[grid](
+    _k.matmul_kernel[grid](
         a,
         b,
         out,
@@ -130,7 +130,7 @@ def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bo
         return logp, lse, entropy
     gpu = _configs.gpu_of(hidden.device)
     launch = _configs.lse_fwd(gpu, num_rows, _sixteen_bit(hidden, weight))
-    _k._lse_fwd_kernel[(triton.cdiv(num_rows, launch["BLOCK_M"]),)](
+    _k.lse_fwd_kernel[(triton.cdiv(num_rows, launch["BLOCK_M"]),)](
         *_head_operands(hidden, weight, bias, targets.contiguous(), placeholder=lse),
         logp,
         lse,
@@ -145,7 +145,7 @@ def lse_forward(hidden, weight, targets, bias, inv_temp: float, want_entropy: bo
 def logit_grad_chunk(
     hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_temp, dz_out, grad_b=None
 ) -> None:
-    """One chunk's logit gradient: ``dz_out [n, V] <- dz / T`` (``_logit_grad_kernel``),
+    """One chunk's logit gradient: ``dz_out [n, V] <- dz / T`` (``logit_grad_kernel``),
     rounded once to ``dz_out``'s dtype (to nearest even), and ``grad_b [V] += sum_rows dz / T``
     in fp32 when ``grad_b`` is given.
 
@@ -154,7 +154,7 @@ def logit_grad_chunk(
     fp32; dz_out contiguous fp32/bf16/fp16."""
     has_ent = g_ent is not None
     launch = _configs.logit_grad(_configs.gpu_of(hidden.device), _sixteen_bit(hidden, weight))
-    _k._logit_grad_kernel[(triton.cdiv(weight.shape[0], launch["BLOCK_V"]),)](
+    _k.logit_grad_kernel[(triton.cdiv(weight.shape[0], launch["BLOCK_V"]),)](
         *_head_operands(hidden, weight, bias, targets, placeholder=lse),
         lse,
         entropy if has_ent else lse,

@@ -8,16 +8,16 @@ With ``z_ij = (h_i . w_j + b_j) * inv_temp`` (rows i of hidden [M, H], vocab row
     H_i    = lse_i - sum_j p_ij z_ij,                      p_ij = exp(z_ij - lse_i)
     dz_ij  = g_i [j == t_i] - p_ij (g_i + e_i (z_ij - lse_i + H_i))
 
-- ``_lse_fwd_kernel``: one program per ``BLOCK_M`` rows streams the vocabulary in
+- ``lse_fwd_kernel``: one program per ``BLOCK_M`` rows streams the vocabulary in
   ``BLOCK_V`` tiles; each logit tile is a ``tl.dot`` over ``BLOCK_H`` slices of H with an fp32
   accumulator; an online (running max, rescaled sum) log-sum-exp, the running ``sum p z`` for the
   entropy and the target logit are kept per row. Nothing of size [M, V] is ever written.
-- ``_logit_grad_kernel``: one program per ``BLOCK_V`` vocabulary entries walks the rows of one
+- ``logit_grad_kernel``: one program per ``BLOCK_V`` vocabulary entries walks the rows of one
   chunk ``BLOCK_M`` at a time, recomputes the logit tile, forms ``dz * inv_temp`` in fp32, writes
   it into the chunk's [rows, V] buffer **in the GEMM dtype** (rounded once, to nearest even) and
   adds the fp32 column sums of ``dz * inv_temp`` to d bias (exact fp32, deterministic: a program
   owns its columns).
-- ``_matmul_kernel``: ``C (+)= A @ B`` with an fp32 C and fp32 accumulation, operands in the GEMM
+- ``matmul_kernel``: ``C (+)= A @ B`` with an fp32 C and fp32 accumulation, operands in the GEMM
   dtype (bf16/fp16 on the tensor cores, fp32 as IEEE fp32). The launcher calls it twice per
   chunk: ``d hidden[chunk] = dz @ W`` and ``d W += dz^T @ h[chunk]`` (accumulated across chunks
   in the fp32 d W buffer, cast once at the end).
@@ -87,7 +87,7 @@ def _logit_tile(
 
 
 @triton.jit
-def _lse_fwd_kernel(
+def lse_fwd_kernel(
     h_ptr,  # [M, H] hidden (fp32/bf16/fp16), unit column stride
     w_ptr,  # [V, H] weight, unit column stride
     b_ptr,  # [V] bias (HAS_BIAS only)
@@ -162,7 +162,7 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _logit_grad_kernel(
+def logit_grad_kernel(
     h_ptr,  # [M, H] hidden of the chunk's rows (row 0 = chunk start)
     w_ptr,  # [V, H] weight
     b_ptr,  # [V] bias (HAS_BIAS only)
@@ -183,7 +183,7 @@ def _logit_grad_kernel(
     HAS_ENT_GRAD: tl.constexpr,  # the entropy output receives a gradient
     NEED_DB: tl.constexpr,  # accumulate d bias
     ROUND_BF16: tl.constexpr,  # dz buffer is bf16: round to nearest even before the store
-    DOT_FP32: tl.constexpr,  # as in _lse_fwd_kernel
+    DOT_FP32: tl.constexpr,  # as in lse_fwd_kernel
     BLOCK_M: tl.constexpr,  # rows per inner step
     BLOCK_V: tl.constexpr,  # vocab entries per program
     BLOCK_H: tl.constexpr,  # hidden slice per tl.dot
@@ -237,7 +237,7 @@ def _logit_grad_kernel(
 
 
 @triton.jit
-def _matmul_kernel(
+def matmul_kernel(
     a_ptr,  # [P, K] left operand (GEMM dtype), any strides
     b_ptr,  # [K, Q] right operand (GEMM dtype), any strides
     c_ptr,  # [P, Q] fp32 out (ACCUMULATE: in/out), any strides
@@ -251,7 +251,7 @@ def _matmul_kernel(
     stride_cp,
     stride_cq,  # strides of C
     ACCUMULATE: tl.constexpr,  # C += A @ B (else C = A @ B)
-    DOT_FP32: tl.constexpr,  # as in _lse_fwd_kernel
+    DOT_FP32: tl.constexpr,  # as in lse_fwd_kernel
     BLOCK_P: tl.constexpr,  # output rows per program
     BLOCK_Q: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction slice per tl.dot

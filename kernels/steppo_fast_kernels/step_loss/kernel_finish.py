@@ -1,7 +1,7 @@
 """Finishing kernel of the fused step policy loss: the per-step table -> the loss and the stats.
 
-``_policy_finish_kernel`` is one program. It walks the per-step table ``[S, NUM_COLS]``
-written by ``step_loss._policy_fwd_kernel`` (and ``step_loss_traj._policy_traj_kernel``) in
+``policy_finish_kernel`` is one program. It walks the per-step table ``[S, NUM_COLS]``
+written by ``kernel.policy_fwd_kernel`` (and ``kernel_traj.policy_traj_kernel``) in
 ``[BLOCK_S, COLS]`` tiles and keeps per-lane column sums, minima and maxima; after the loop it
 reduces the lanes (``tl.sum`` / ``tl.min`` / ``tl.max``: a fixed order, so the result is
 deterministic) and writes, all fp32:
@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .step_loss import (
+from .kernel import (
     COL_RHO_MAX,
     COL_RHO_MIN,
     COL_TOKW,
@@ -50,7 +50,7 @@ def _column(values, cols, COL: tl.constexpr):
 
 
 @triton.jit
-def _policy_finish_kernel(
+def policy_finish_kernel(
     table_ptr,  # [S, NUM_COLS] fp32 per-step table (only the first FINISH_COLS columns read)
     loss_ptr,  # [1] fp32 out: the loss
     stats_ptr,  # [6] fp32 out: clip_frac, dual_clip_frac, approx_kl, ratio_mean/min/max
@@ -100,8 +100,3 @@ def _policy_finish_kernel(
     tl.store(stats_ptr + 3, tl.where(counted, _column(sums, cols, COL_WRHO) / safe_w, 1.0))
     tl.store(stats_ptr + 4, tl.where(counted, rho_min, 1.0))
     tl.store(stats_ptr + 5, tl.where(counted, rho_max, 1.0))
-
-
-def finish_cols() -> int:
-    """Tile width of the finishing kernel: the next power of two >= FINISH_COLS."""
-    return triton.next_power_of_2(FINISH_COLS.value)

@@ -1,4 +1,4 @@
-"""Triton kernels and launchers for the CSR segment ops (segment_sum, segment_mean,
+"""Triton kernels (``@triton.jit`` only) of the CSR segment ops (segment_sum, segment_mean,
 segment_broadcast).
 
 Layout: ``cu`` [S+1] offsets split an axis of length ``A = cu[-1]`` into S segments,
@@ -16,19 +16,14 @@ Outputs are fp32 (bf16/fp16 inputs are converted to fp32 right after each load).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from . import _configs
-from ._common import find_segment, log2_ceil
-
-# Launch configurations (BLOCK_S x BLOCK_T reduce tiles, BLOCK broadcast entries, num_warps)
-# come from _configs: per device, and for the reduce by the mean segment length.
+from .._common import find_segment
 
 
 @triton.jit
-def _segment_reduce_kernel(
+def segment_reduce_kernel(
     x_ptr,  # [A] input values (fp32/bf16/fp16), contiguous
     cu_ptr,  # [S+1] CSR offsets (int32/int64)
     out_ptr,  # [S] fp32 output: per-segment sum (or mean)
@@ -56,7 +51,7 @@ def _segment_reduce_kernel(
 
 
 @triton.jit
-def _segment_broadcast_kernel(
+def segment_broadcast_kernel(
     y_ptr,  # [S] per-segment values (fp32/bf16/fp16)
     cu_ptr,  # [S+1] CSR offsets (int32/int64)
     out_ptr,  # [A] fp32 output: out[i] = y[segment of i] (/ n_s when MEAN)
@@ -75,38 +70,3 @@ def _segment_broadcast_kernel(
         end = tl.load(cu_ptr + seg + 1, mask=mask, other=1)
         y = y / (end - start).to(tl.float32)
     tl.store(out_ptr + pos, y, mask=mask)
-
-
-def segment_reduce(x: torch.Tensor, cu: torch.Tensor, *, mean: bool) -> torch.Tensor:
-    """Per-segment sum (or mean) of ``x`` [A] over ``cu`` [S+1] -> fp32 [S]."""
-    x, cu = x.contiguous(), cu.contiguous()
-    num_segments = cu.numel() - 1
-    out = torch.empty(num_segments, dtype=torch.float32, device=x.device)
-    if num_segments == 0:
-        return out
-    launch = _configs.segment_reduce(_configs.gpu_of(x.device), num_segments, x.numel())
-    grid = (triton.cdiv(num_segments, launch["BLOCK_S"]),)
-    _segment_reduce_kernel[grid](x, cu, out, num_segments, MEAN=mean, **launch.kwargs())
-    return out
-
-
-def segment_expand(y: torch.Tensor, cu: torch.Tensor, num_entries: int, *, mean: bool):
-    """Copy ``y[s]`` (divided by ``n_s`` when ``mean``) to each entry of segment s -> fp32 [A]."""
-    y, cu = y.contiguous(), cu.contiguous()
-    out = torch.empty(num_entries, dtype=torch.float32, device=y.device)
-    if num_entries == 0:
-        return out
-    num_segments = cu.numel() - 1
-    launch = _configs.fixed(_configs.gpu_of(y.device), "elementwise")
-    grid = (triton.cdiv(num_entries, launch["BLOCK"]),)
-    _segment_broadcast_kernel[grid](
-        y,
-        cu,
-        out,
-        num_entries,
-        num_segments,
-        MEAN=mean,
-        LOG2_SEGMENTS=log2_ceil(num_segments),
-        **launch.kwargs(),
-    )
-    return out
