@@ -1,4 +1,4 @@
-"""The invariants of :class:`~steppo_fast.StepBatch` (DESIGN §2), checked vectorised.
+"""The invariants of :class:`~steppo_fast.StepBatch` (docs/design.md §2), checked vectorised.
 
 Every violation raises ``ValueError`` of the form ``"<field>[<index>]: <rule>"``. Checks run in
 dependency order (structure, offsets, then value rules that rely on valid offsets), so the first
@@ -88,7 +88,7 @@ def _check_finite(batch, name: str) -> None:
 
 
 def validate(batch) -> None:
-    """Every invariant of DESIGN §2 (see :meth:`StepBatch.validate`)."""
+    """Every invariant of docs/design.md §2 (see :meth:`StepBatch.validate`)."""
     check_structure(batch)
     n, a, s = batch.num_tokens, batch.num_actions, batch.num_steps
     check_offsets("cu_seqlens", batch.cu_seqlens, n)

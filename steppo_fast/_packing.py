@@ -11,10 +11,11 @@ Two stages:
    numpy or in one pass with numba (:mod:`steppo_fast._packing_numba`); both give identical
    arrays.
 
-Layout rule (DESIGN §2): step t+1 joins step t's sequence exactly when its ``prompt_ids`` starts
-with step t's ``prompt_ids + action_ids``; the sequence is then extended by the rest of the
-prompt (new observation tokens, possibly none) and the action. Prefix tokens of a merged step are
-compared by value (``==``) against ids already read and validated, so they are not re-read.
+Layout rule (docs/design.md §2): step t+1 joins step t's sequence exactly when its
+``prompt_ids`` starts with step t's ``prompt_ids + action_ids``; the sequence is then extended
+by the rest of the prompt (new observation tokens, possibly none) and the action. Prefix tokens
+of a merged step are compared by value (``==``) against ids already read and validated, so they
+are not re-read.
 
 Costs: the prefix comparison is O(sum of prompt lengths) C-level list comparisons (inherent to
 records that repeat the full context per step); the conversion is O(N + A) and the CSR stage

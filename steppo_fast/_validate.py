@@ -159,8 +159,9 @@ def is_finite_number(value) -> bool:
 def check_number(name: str, value, ok=None, rule: str = "finite") -> float:
     """A finite real number (Python number or 1-element tensor, not bool) for which
     ``ok(value)`` holds (any finite value when ``ok`` is None); returns it as a float, else
-    ``ValueError`` "{name}: must be {rule}, got ...". A tensor is read on the host, which
-    ``torch.compile`` cannot trace: while compiling it must be a Python number."""
+    ``ValueError`` "{name}: must be {rule}, got ..." (marked "not finite" for nan/inf). A
+    tensor is read on the host, which ``torch.compile`` cannot trace: while compiling it must
+    be a Python number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         if torch.compiler.is_compiling():
             raise ValueError(
@@ -171,7 +172,9 @@ def check_number(name: str, value, ok=None, rule: str = "finite") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not is_finite_number(value) or (ok is not None and not ok(value)):
+    if not is_finite_number(value):
+        raise ValueError(f"{name}: must be {rule}, got {value!r} (not finite)")
+    if ok is not None and not ok(value):
         raise ValueError(f"{name}: must be {rule}, got {value!r}")
     return value
 

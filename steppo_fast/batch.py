@@ -1,4 +1,4 @@
-"""StepBatch: the step-level CSR batch every op and the trainer consume (DESIGN §2).
+"""StepBatch: the step-level CSR batch every op and the trainer consume (docs/design.md §2).
 
 Three nested ragged axes, all with int32 cumulative offsets:
 
@@ -75,7 +75,8 @@ def position_ids(cu_seqlens: torch.Tensor, num_tokens: int, *, numpy: bool) -> t
 
 @dataclass(frozen=True, eq=False, repr=False)
 class StepBatch:
-    """A batch of multi-step trajectories in the CSR layout of DESIGN §2 (tensors on one device).
+    """A batch of multi-step trajectories in the CSR layout of docs/design.md §2 (tensors on
+    one device).
 
     Fields (N tokens, R sequences, A action tokens, S steps, B trajectories):
 
@@ -118,7 +119,7 @@ class StepBatch:
     def from_trajectories(
         cls, trajectories: Sequence[Mapping], layout: str = "auto", *, device=None
     ) -> StepBatch:
-        """Build a batch from rollout records (DESIGN §2).
+        """Build a batch from rollout records (docs/design.md §2).
 
         ``trajectories``: list of ``{"steps": [step, ...], "terminated": bool, "group": int}``;
         a step is ``{"prompt_ids": [int], "action_ids": [int], "reward": float}`` with optional
@@ -160,9 +161,9 @@ class StepBatch:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> StepBatch:
-        """Check every invariant of DESIGN §2; raise ``ValueError`` naming the field, the index
-        and the rule broken. O(N + A + S) vectorised, one host sync per check on accelerators.
-        Returns ``self`` (so ``StepBatch(...).validate()`` chains)."""
+        """Check every invariant of docs/design.md §2; raise ``ValueError`` naming the field,
+        the index and the rule broken. O(N + A + S) vectorised, one host sync per check on
+        accelerators. Returns ``self`` (so ``StepBatch(...).validate()`` chains)."""
         _batch_checks.validate(self)
         return self
 

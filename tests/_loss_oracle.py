@@ -1,6 +1,6 @@
-"""Loop oracles written from the math (DESIGN §1/§3), one Python iteration per unit, and random
-CSR layouts. They share no code with steppo_fast.reference. The policy-loss oracle works on 0-d
-torch tensors so the same loop gives values and autograd gradients."""
+"""Loop oracles written from the math (docs/design.md §1, §4), one Python iteration per unit,
+and random CSR layouts. They share no code with steppo_fast.reference. The policy-loss oracle
+works on 0-d torch tensors so the same loop gives values and autograd gradients."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def oracle_policy_loss(
     kl_type="k3",
     normalizer=None,
 ):
-    """(loss 0-d tensor, stats dict), from the DESIGN formulas, one loop iteration per unit.
+    """(loss 0-d tensor, stats dict), from the docs/design.md formulas, one loop iteration per unit.
 
     Computes in the dtype of ``logp`` (pass fp64 for an exact oracle); differentiable.
     """

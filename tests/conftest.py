@@ -43,3 +43,34 @@ TOL = {
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (1e-5, 1e-5),
 }
+
+
+# Slow groups, by test module (basename prefix). Each test of a group gets the group's marker
+# and `slow`, so `pytest -m "not slow"` is the fast subset and `-m triton` one group. A test of
+# any module parametrised with the value "triton" (an `impl`) joins the triton group too. The
+# markers are registered in pyproject.toml (--strict-markers rejects unknown ones).
+SLOW_GROUPS = {
+    "trainer": ("test_trainer", "test_distributed", "test_layouts_model"),
+    "triton": ("test_triton_", "test_compile"),
+    "gpu_compile": ("test_triton_gpu_compile",),
+}
+
+
+def group_markers(module: str, params: dict) -> list[str]:
+    """The slow-group markers of a test in ``module`` with parametrisation ``params``."""
+    groups = [g for g, prefixes in SLOW_GROUPS.items() if module.startswith(prefixes)]
+    if "gpu_compile" in groups:
+        groups.remove("triton")  # test_triton_gpu_compile: ptxas, not the interpreter
+    if "triton" not in groups and any(
+        isinstance(v, str) and v == "triton" for v in params.values()
+    ):
+        groups.append("triton")
+    return [*groups, "slow"] if groups else []
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        for name in group_markers(module, params):
+            item.add_marker(name)

@@ -1,5 +1,5 @@
-"""StepBatch.validate(): every invariant of DESIGN §2, one corrupted field at a time; the error
-names the field, the index and the rule."""
+"""StepBatch.validate(): every invariant of docs/design.md §2, one corrupted field at a time;
+the error names the field, the index and the rule."""
 
 import math
 

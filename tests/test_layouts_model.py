@@ -132,7 +132,7 @@ def test_layouts_give_the_same_gradients(model):
 
 @pytest.mark.parametrize("wrong", ["default_use_cache", "mask_2d_ones"])
 def test_wrong_packing_setup_leaks_and_is_caught(model, wrong):
-    """TOOLCHAIN.md: with the default use_cache, or with a 2-D all-ones attention mask, the
+    """With the default use_cache, or with a 2-D all-ones attention mask, the
     packed sequences attend to each other silently. The per-step comparison must flag it."""
     trajs = trajectories(extend_all=False)
     batch = StepBatch.from_trajectories(trajs, layout="rows")
@@ -186,7 +186,7 @@ def test_packed_forward_empty_batch_and_bad_mode(model):
 
 
 def test_design_pipeline_with_linear_logprobs(model):
-    """DESIGN §3 trainer path: packed hidden -> linear_logprobs(hidden[logit_index], W,
+    """docs/design.md §3 trainer path: packed hidden -> linear_logprobs(hidden[logit_index], W,
     action_ids) gives the same per-token log-probs in both layouts (and as log_softmax)."""
     from steppo_fast import linear_logprobs
 

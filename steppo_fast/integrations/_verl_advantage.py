@@ -13,7 +13,7 @@ ordered by ``step_idx`` (an integer per row; batch order when absent): StepPO's 
 Per step: reward r_s = sum of ``token_level_rewards`` from the step's first action token up to
 the next step's first token of the row (or the row's end), so rewards on observation or padding
 tokens go to the step they follow; a nonzero reward before a row's first step is an error.
-Then (DESIGN §1) step GAE per trajectory with V_T = 0 (terminated, like verl's GAE),
+Then (docs/design.md §1) step GAE per trajectory with V_T = 0 (terminated, like verl's GAE),
 whitening over steps, and broadcast of A_s and R_s to the step's action tokens (0 elsewhere).
 """
 
@@ -117,7 +117,7 @@ def step_advantages(
         traj_uid, step_idx: optional per-row trajectory ids and step indices (sequences or
             arrays of length R; see the module docstring).
         gamma, lam: step-level discount and GAE lambda in [0, 1].
-        whiten: whiten the step advantages over all steps of the batch (DESIGN §1).
+        whiten: whiten the step advantages over all steps of the batch (docs/design.md §1).
         impl: steppo_fast backend for step_gae / whiten.
 
     Returns:

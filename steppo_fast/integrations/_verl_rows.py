@@ -11,8 +11,8 @@ observation tokens between two assistant turns). A **step** is one maximal run o
 Both are the same rule, so nothing here needs to know which layout it is given. Two assistant
 turns with no masked token between them are one step (nothing marks the boundary).
 
-Action tokens are flattened row-major, i.e. ordered by (row, step, position), which is DESIGN §2's
-action axis when a row (or a ``traj_uid`` group of rows) is a trajectory.
+Action tokens are flattened row-major, i.e. ordered by (row, step, position), which is
+docs/design.md §2's action axis when a row (or a ``traj_uid`` group of rows) is a trajectory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Public advantage ops: validation, then dispatch by ``impl=`` to a backend.
 
-Layout (DESIGN §2): ``S`` steps ordered by (trajectory, time); trajectory ``b`` is the steps
+Layout (docs/design.md §2): ``S`` steps ordered by (trajectory, time); trajectory ``b`` is the steps
 ``[cu_trajs[b], cu_trajs[b+1])`` of the CSR offsets ``cu_trajs`` [B+1] (int32, int64 accepted).
 The same ops run at token level when given token rewards/values and ``cu_steps[cu_trajs]``.
 Empty trajectories (two equal offsets) and empty batches (S = 0, B >= 0) are accepted.
@@ -73,8 +73,8 @@ def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None,
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
         check_finite("last_values", last_values)
-    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
-    lam = check_number("lam", lam, lambda v: 0 <= v <= 1, "in [0, 1]")
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
+    lam = check_number("lam", lam, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
     check_finite("rewards", rewards)
     check_finite("values", values)
     backend = resolve(impl, "step_gae", rewards, values, cu_trajs)
@@ -114,7 +114,7 @@ def discounted_returns(rewards, cu_trajs, *, gamma=1.0, last_values=None, impl="
     if last_values is not None:
         check_float("last_values", last_values, length=n_trajs, device=device)
         check_finite("last_values", last_values)
-    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
     check_finite("rewards", rewards)
     backend = resolve(impl, "discounted_returns", rewards, cu_trajs)
     return backend.discounted_returns(rewards, cu_trajs, gamma=gamma, last_values=last_values)
@@ -258,7 +258,7 @@ def gigpo_advantages(
     check_index("group", group, length=n_trajs, device=device)
     check_index("anchor", anchor, length=n_steps, device=device)
     step_weight = check_number("step_weight", step_weight)
-    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0, 1]")
+    gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
     check_choice("mode", mode, GIGPO_MODES)
     eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
     check_finite("rewards", rewards)

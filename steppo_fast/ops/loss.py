@@ -1,9 +1,9 @@
 """Public loss ops (validation + dispatch by ``impl=``): the StepPO clipped policy loss, the
 clipped value loss, per-token KL penalties, and the normaliser for gradient accumulation.
 
-Layout (DESIGN §2): A action tokens ordered by (trajectory, step, position); ``cu_steps`` [S+1]
-splits them into S steps (n_s = cu_steps[s+1] - cu_steps[s] >= 1 tokens); ``cu_trajs`` [B+1]
-splits the steps into B trajectories. Offsets are int32 (int64 accepted).
+Layout (docs/design.md §2): A action tokens ordered by (trajectory, step, position);
+``cu_steps`` [S+1] splits them into S steps (n_s = cu_steps[s+1] - cu_steps[s] >= 1 tokens);
+``cu_trajs`` [B+1] splits the steps into B trajectories. Offsets are int32 (int64 accepted).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def step_policy_loss(
     stats: str = "float",
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]] | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """StepPO clipped policy loss (DESIGN §1, §3 "Aggregation, exactly") and batch stats.
+    """StepPO clipped policy loss (docs/design.md §1, §4 "Aggregation, exactly") and batch stats.
 
     Ratios (x_i = logp_i - old_logp_i; p = ``length_power``):
     - ``"step"``: one per step, l_s = sum_{i in s} x_i / n_s**p (p = 1: GSPO-style mean);

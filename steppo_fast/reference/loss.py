@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the loss family: ``step_policy_loss``, ``value_loss``, ``kl_penalty``.
 
-This is the spec the kernels are tested against (DESIGN §1 and §3, "Aggregation, exactly").
+This is the spec the kernels are tested against (docs/design.md §1 and §4, "Aggregation, exactly").
 Inputs are already validated by :mod:`steppo_fast.ops.loss`. Everything is vectorised over the
 CSR layout (segment ids from ``repeat_interleave`` + ``index_add``; no Python loop over steps or
 tokens) and differentiable through torch autograd.
@@ -104,7 +104,7 @@ def unit_weights(
     token_units: bool,
     num_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Aggregation weight w_u of every loss unit (DESIGN "Aggregation, exactly").
+    """Aggregation weight w_u of every loss unit (docs/design.md §4, "Aggregation, exactly").
 
     Units are tokens ([A] result) when ``token_units`` else steps ([S] result). With n_s the
     step's token count and sw_s = ``step_weight`` [S] (float, already >= 0):

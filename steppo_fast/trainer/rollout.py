@@ -27,7 +27,7 @@ and with a model's own tokenizer (:mod:`.hf_tokenizer`, plain text)::
 
 ``value_index`` of step t is its last prompt token (``<act>``, or the last token of
 "\nAction:"). Each step record is ``{"prompt_ids", "action_ids", "reward", "logprobs",
-"anchor"}`` (DESIGN §2); trajectories are ``{"steps", "terminated", "group"}`` plus
+"anchor"}`` (docs/design.md §2); trajectories are ``{"steps", "terminated", "group"}`` plus
 ``success`` / ``return`` / ``seed`` for logging. The grammar masks of every action token, in
 StepBatch action order, are returned separately: dense ``[A, V]`` bool with the word
 tokenizer, :class:`~.masking.SparseMasks` with a model tokenizer.

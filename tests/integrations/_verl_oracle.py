@@ -1,4 +1,4 @@
-"""Loop oracles for the verl adapter, written from the math (docs/verl.md, DESIGN §1): they
+"""Loop oracles for the verl adapter, written from the math (docs/verl.md, docs/design.md §1): they
 share no code with steppo_fast.integrations and never import verl."""
 
 from __future__ import annotations
