@@ -1,10 +1,10 @@
 """steppo_fast: fast, memory-frugal step-level agentic RL (StepPO).
 
-Public API (see DESIGN.md): :class:`StepBatch` and the functional ops below; every op takes
+Public API (see docs/design.md): :class:`StepBatch` and the functional ops below; every op takes
 ``impl=`` ("auto", "torch", "triton", "cpp").
 """
 
-from .batch import StepBatch
+from .batch import MicroBatch, StepBatch
 from .ops.advantages import (
     discounted_returns,
     gigpo_advantages,
@@ -19,6 +19,7 @@ from .ops.segments import segment_broadcast, segment_mean, segment_sum
 __version__ = "0.1.0"
 
 __all__ = [
+    "MicroBatch",
     "StepBatch",
     "discounted_returns",
     "gigpo_advantages",

@@ -292,3 +292,20 @@ def test_property_numba_equals_numpy(trajs, layout, max_tokens):
         for u in (True, False)
     ]
     assert [p.tolist() for p in plans[0]] == [p.tolist() for p in plans[1]]
+
+
+def test_microbatch_is_a_public_type():
+    """``StepBatch.microbatches`` / ``select_trajectories`` return the public
+    ``steppo_fast.MicroBatch`` (batch, step_index, traj_index)."""
+    import steppo_fast
+
+    batch = StepBatch.from_trajectories([traj([(2, 1), (1, 2)]), traj([(3, 1)], group=1)])
+    parts = batch.microbatches(max_tokens=10**6)
+    assert "MicroBatch" in steppo_fast.__all__
+    assert all(isinstance(p, steppo_fast.MicroBatch) for p in parts)
+    one = batch.select_trajectories(torch.tensor([1]))
+    assert isinstance(one, steppo_fast.MicroBatch) and one._fields == (
+        "batch",
+        "step_index",
+        "traj_index",
+    )

@@ -102,8 +102,9 @@ def reference_logprobs(
     return action_logprobs(model, hidden, batch, masks, temperature, impl)[0].float()
 
 
-# every stat ppo_update reports (summed over ranks under data parallelism)
-STAT_KEYS = (
+# every stat ppo_update reports (summed over ranks under data parallelism); not the loss's
+# steppo_fast.reference.loss.STAT_KEYS, of which it reports clip_frac, approx_kl, ratio_mean
+UPDATE_STAT_KEYS = (
     "policy_loss",
     "value_loss",
     "clip_frac",
@@ -250,7 +251,7 @@ def ppo_update(
             if on_step is not None:
                 on_step(1)
     if comm is not None:
-        keys = sorted(STAT_KEYS)  # the same list on every rank (a rank may have no stats)
+        keys = sorted(UPDATE_STAT_KEYS)  # the same list on every rank (a rank may have no stats)
         totals = comm.all_reduce_sum([sums.get(k, 0.0) for k in keys])
         counts = comm.all_reduce_sum([weights.get(k, 0.0) for k in keys])
         sums, weights = dict(zip(keys, totals)), dict(zip(keys, counts))
