@@ -1,6 +1,6 @@
 """Nothing in the repository refers to a file the repository does not contain: no citation of
 documents that live outside it (the contract is docs/design.md), and every repo-relative path
-written in a tracked text file (``docs/x.md``, ``bench/y.py``, Markdown links) exists."""
+written in a tracked text file (``docs/<name>.md``, ``bench/<name>.py``, Markdown links) exists."""
 
 import re
 import shutil
@@ -65,7 +65,7 @@ def test_no_reference_to_a_file_outside_the_repo():
 def test_the_checker_flags_outside_citations_missing_paths_and_links():
     readme = ROOT / "README.md"
     assert find_missing(readme, "see docs/design.md and bench/README.md") == []
-    text = "see " + "DESIGN" + ".md, ../" + "shared/x, docs/nowhere.md and [a](gone.md)"
+    text = "see " + "DESIGN" + ".md, ../" + "shared/x, docs" + "/nowhere.md and [a](gone.md)"
     found = find_missing(readme, text)
     assert len(found) == 4, found
     assert find_missing(readme, "[ok](docs/design.md#3-functional-api)") == []

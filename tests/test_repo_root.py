@@ -31,7 +31,7 @@ def _run(args, cwd=ROOT, env=None, timeout=600):
 def test_top_level_kernels_folder_is_not_a_regular_package():
     assert KERNELS.is_dir()
     assert not (KERNELS / "__init__.py").exists(), (
-        "kernels/__init__.py makes the repo root shadow Hugging Face's `kernels` package"
+        "an __init__.py in kernels/ makes the repo root shadow Hugging Face's `kernels` package"
     )
     assert (KERNELS / "steppo_fast_kernels" / "__init__.py").exists()
 
