@@ -54,7 +54,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import StepBatch
-from .policy import backbone
+from ..modeling import backbone
 from .update import ForwardOut, Models, forward
 
 
