@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _tolerance import pair_tol  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +37,44 @@ def _threads(request):
     torch.set_num_threads(before)
 
 
-# Tolerances tied to dtype (absolute, relative), for results accumulated in fp32. bf16 inputs are
-# compared with an fp32 reference fed the same (rounded) bf16 values: fp32 tolerance.
+# (atol, rtol) per dtype for results of magnitude <= ~1 built from at most TOL_ROUNDINGS
+# roundings (short sums, elementwise chains), compared between two evaluations in the
+# computation dtype: pair_tol (tests/_tolerance.py) = 2 * LAMBDA * sqrt(n) * u. bf16 inputs are
+# compared with an fp32 reference fed the same (rounded) bf16 values and computed in fp32: the
+# fp32 tolerance. Longer reductions or larger magnitudes use tests/_tolerance.py directly.
+TOL_ROUNDINGS = 400
 TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (1e-5, 1e-5),
+    torch.float64: pair_tol(torch.float64, TOL_ROUNDINGS),
+    torch.float32: pair_tol(torch.float32, TOL_ROUNDINGS),
+    torch.bfloat16: pair_tol(torch.float32, TOL_ROUNDINGS),
 }
+
+# Test modules whose assertions are floating-point comparisons: CI runs them a second time
+# under another CPU code path (scripts/test.sh, NUMERICS_ENV), so a tolerance that holds on one
+# CPU's kernels only fails there first. Select them with ``-m numerics``.
+NUMERIC_MODULES = (
+    "test_advantages",
+    "test_advantages_group",
+    "test_compile",
+    "test_cpp_advantages",
+    "test_cpp_loss",
+    "test_cpp_segments",
+    "test_layouts_model",
+    "test_logprobs",
+    "test_loss",
+    "test_loss_grad",
+    "test_segments",
+    "test_triton_gpu_configs",
+    "test_triton_logprobs",
+    "test_triton_scan",
+    "test_triton_segments",
+    "test_triton_step_loss",
+    "test_triton_step_loss_grads",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    numerics = pytest.mark.numerics
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in NUMERIC_MODULES:
+            item.add_marker(numerics)
