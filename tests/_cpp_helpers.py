@@ -13,11 +13,21 @@ import importlib
 
 import pytest
 import torch
-from _tolerance import rounded_once_tol
+from _tolerance import rounded_once_tol, unit_roundoff
 
 # Upper bound on the terms behind any one result in these tests (the largest layouts hold
 # ~1.3e5 entries), for the fp64 accumulation part of the bound.
 MAX_TERMS = 2**20
+
+
+def bf16_grad_tol(want_fp64: torch.Tensor) -> dict:
+    """(atol, rtol) for gradients of bf16 inputs: computed in double, stored in fp32 by the
+    kernel, then cast to bf16 by autograd: two roundings (u32 + u_bf16 relative), plus the fp64
+    accumulation error of ``assert_matches`` absolute (results that cancel to ~0)."""
+    scale = MAX_TERMS * max(want_fp64.abs().max().item(), 1.0) if want_fp64.numel() else 0.0
+    atol, _ = rounded_once_tol(torch.bfloat16, MAX_TERMS, 2 * scale)
+    rtol = unit_roundoff(torch.float32) + unit_roundoff(torch.bfloat16) * (1 + 2**-23)
+    return dict(atol=atol, rtol=rtol)
 
 
 def _cpp_built() -> bool:
