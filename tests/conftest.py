@@ -49,32 +49,31 @@ TOL = {
     torch.bfloat16: pair_tol(torch.float32, TOL_ROUNDINGS),
 }
 
-# Test modules whose assertions are floating-point comparisons: CI runs them a second time
-# under another CPU code path (scripts/test.sh, NUMERICS_ENV), so a tolerance that holds on one
-# CPU's kernels only fails there first. Select them with ``-m numerics``.
+# Test modules whose floating-point results depend on the CPU code path (torch's ATen kernels,
+# MKL / oneDNN GEMMs, numpy's matmul and exp under the Triton interpreter) and are compared
+# with a tolerance: CI runs them a second time under another code path (scripts/test.sh), so a
+# tolerance that holds on one CPU's kernels only fails there first. ``-m numerics`` selects
+# them. Left out to keep that pass short: the C++ tests (compiled with fixed flags: these
+# variables do not change their arithmetic; their bound is one rounding from double), the
+# scans (adds and multiplies in a fixed order: exact IEEE operations, the same bits on any
+# path), fp64-dominated modules (test_loss, test_loss_grad, test_advantages), the GPU-tile
+# repeats of the same kernels (test_triton_gpu_configs) and torch.compile (slow).
 NUMERIC_MODULES = (
-    "test_advantages",
-    "test_advantages_group",
-    "test_compile",
-    "test_cpp_advantages",
-    "test_cpp_loss",
-    "test_cpp_segments",
     "test_layouts_model",
     "test_logprobs",
-    "test_loss",
-    "test_loss_grad",
     "test_segments",
-    "test_triton_gpu_configs",
     "test_triton_logprobs",
-    "test_triton_scan",
     "test_triton_segments",
     "test_triton_step_loss",
     "test_triton_step_loss_grads",
 )
+# Within them, tests that check registration, tracing or argument errors only.
+NOT_NUMERIC = ("opcheck", "fullgraph", "value_error", "raises", "gradcheck")
 
 
 def pytest_collection_modifyitems(config, items):
     numerics = pytest.mark.numerics
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in NUMERIC_MODULES:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in NUMERIC_MODULES and not any(w in item.name for w in NOT_NUMERIC):
             item.add_marker(numerics)
