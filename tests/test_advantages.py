@@ -331,7 +331,8 @@ def test_auto_and_torch_impls_agree():
     r, v = torch.randn(7), torch.randn(7)
     a_auto, _ = step_gae(r, v, cu, gamma=0.9, lam=0.9)
     a_torch, _ = step_gae(r, v, cu, gamma=0.9, lam=0.9, impl="torch")
-    torch.testing.assert_close(a_auto, a_torch)
+    # two fp32 evaluations (any backend): twice one evaluation's bound
+    assert_within(a_auto, a_torch, 2 * gae_error(torch.float32, r, v, cu, 0.9, 0.9, None, a_torch))
 
 
 # ----------------------------------------------------------------------------- StepPO parity
