@@ -9,6 +9,7 @@ from _cpp_helpers import (
     FLOAT_DTYPES,
     LAYOUTS,
     assert_matches,
+    bf16_grad_tol,
     fp64,
     layout,
     offsets,
@@ -90,8 +91,8 @@ def test_gradients_match_reference(name, dtype):
         b = inp.detach().double().requires_grad_()
         want = torch.autograd.grad(getattr(ref, op)(b, cu), b, g.double())[0]
         assert got.dtype == dtype  # autograd casts the gradient to the input's dtype
-        if dtype == torch.bfloat16:  # one rounding to bf16 (8 significant bits) at the end
-            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=2.0**-8)
+        if dtype == torch.bfloat16:  # rounded to bf16 (8 significant bits) at the end
+            torch.testing.assert_close(got.double(), want, **bf16_grad_tol(want))
         else:
             assert_matches(got, want, dtype)
 

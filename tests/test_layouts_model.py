@@ -2,16 +2,18 @@
 and packing with position_ids + use_cache=False (or a 4-D block mask) isolates sequences --
 while the wrong setups (default use_cache, 2-D all-ones mask) leak, which these checks catch."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from _tolerance import assert_close_pair, assert_close_to_oracle
 
 from steppo_fast.batch import StepBatch
 from steppo_fast.modeling import backbone, block_diagonal_mask, packed_forward
 
 transformers = pytest.importorskip("transformers")
 
-ATOL, RTOL = 1e-5, 1e-5  # fp32 (tests/conftest.py TOL[torch.float32])
 VOCAB, HIDDEN = 128, 64
 
 
@@ -37,6 +39,13 @@ def model(request):
     lm = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param)).eval()
     lm.value_head = torch.nn.Linear(HIDDEN, 1)  # a critic head on the same trunk (test only)
     return lm
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    """The same model in fp64: the oracle every fp32 layout is measured against (each within
+    ORACLE_FACTOR x the per-sequence fp32 forward's own error, ``assert_close_to_oracle``)."""
+    return copy.deepcopy(model).double()
 
 
 def trajectories(extend_all: bool, seed: int = 0):
@@ -74,7 +83,8 @@ def per_sequence_hidden(model, batch):
 def step_outputs(model, batch, hidden):
     """Per action token log-probs of the sampled tokens, per step values."""
     logits = hidden[batch.logit_index] @ model.get_output_embeddings().weight.T
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.action_ids[:, None])[:, 0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.action_ids[:, None])[:, 0]
     values = model.value_head(hidden[batch.value_index])[:, 0]
     return logp, values
 
@@ -90,18 +100,19 @@ HOWS = ["per_sequence", "position_ids", "block_mask"]
 
 @pytest.mark.parametrize("how", ["position_ids", "block_mask"])
 @pytest.mark.parametrize("layout", ["rows", "auto"])
-def test_packed_forward_matches_per_sequence(model, how, layout):
+def test_packed_forward_matches_per_sequence(model, model64, how, layout):
     batch = StepBatch.from_trajectories(trajectories(extend_all=False), layout=layout).validate()
     with torch.no_grad():
         expected = per_sequence_hidden(model, batch)
+        oracle = per_sequence_hidden(model64, batch)
         got = packed_forward(model, batch, attention=how)
     assert got.shape == (batch.num_tokens, HIDDEN)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert_close_to_oracle(got, oracle, expected, msg="packed hidden")
 
 
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("extend_all, other", [(True, "merged"), (False, "auto")])
-def test_rows_and_merged_layouts_agree_per_step(model, how, extend_all, other):
+def test_rows_and_merged_layouts_agree_per_step(model, model64, how, extend_all, other):
     trajs = trajectories(extend_all)
     rows = StepBatch.from_trajectories(trajs, layout="rows").validate()
     packed = StepBatch.from_trajectories(trajs, layout=other).validate()
@@ -110,28 +121,31 @@ def test_rows_and_merged_layouts_agree_per_step(model, how, extend_all, other):
     with torch.no_grad():
         logp_rows, v_rows = step_outputs(model, rows, forward(model, rows, how))
         logp_packed, v_packed = step_outputs(model, packed, forward(model, packed, how))
+        logp_ref, v_ref = step_outputs(model, rows, per_sequence_hidden(model, rows))
+        logp_o, v_o = step_outputs(model64, rows, per_sequence_hidden(model64, rows))
     assert logp_rows.shape == (rows.num_actions,) and v_rows.shape == (rows.num_steps,)
-    torch.testing.assert_close(logp_packed, logp_rows, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(v_packed, v_rows, atol=ATOL, rtol=RTOL)
+    for got_logp, got_v in ((logp_rows, v_rows), (logp_packed, v_packed)):
+        assert_close_to_oracle(got_logp, logp_o, logp_ref, msg="logp")
+        assert_close_to_oracle(got_v, v_o, v_ref, msg="values")
 
 
-def test_layouts_give_the_same_gradients(model):
+def test_layouts_give_the_same_gradients(model, model64):
     trajs = trajectories(extend_all=True)
     grads = []
-    for layout in ("rows", "merged"):
+    for lm, layout in ((model, "rows"), (model, "merged"), (model64, "rows")):
         batch = StepBatch.from_trajectories(trajs, layout=layout)
-        model.zero_grad()
-        logp, values = step_outputs(model, batch, packed_forward(model, batch))
+        lm.zero_grad()
+        logp, values = step_outputs(lm, batch, packed_forward(lm, batch))
         (logp.sum() + values.sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    model.zero_grad()
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4)
+        grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
+        lm.zero_grad()
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and len(grads[0]) > 0
+    for name in grads[0]:  # merged vs the fp64 oracle, against the rows layout's fp32 error
+        assert_close_to_oracle(grads[1][name], grads[2][name], grads[0][name], msg=name)
 
 
 @pytest.mark.parametrize("wrong", ["default_use_cache", "mask_2d_ones"])
-def test_wrong_packing_setup_leaks_and_is_caught(model, wrong):
+def test_wrong_packing_setup_leaks_and_is_caught(model, model64, wrong):
     """With the default use_cache, or with a 2-D all-ones attention mask, the
     packed sequences attend to each other silently. The per-step comparison must flag it."""
     trajs = trajectories(extend_all=False)
@@ -150,13 +164,15 @@ def test_wrong_packing_setup_leaks_and_is_caught(model, wrong):
             ).last_hidden_state[0]
         logp_leak, v_leak = step_outputs(model, batch, hidden)
         logp_ok, v_ok = step_outputs(model, batch, per_sequence_hidden(model, batch))
+        logp_o, v_o = step_outputs(model64, batch, per_sequence_hidden(model64, batch))
     # the first sequence sees nothing before it, so it is unaffected; later ones leak
     first = int(batch.cu_steps[1])
-    torch.testing.assert_close(logp_leak[:first], logp_ok[:first], atol=ATOL, rtol=RTOL)
-    assert (logp_leak - logp_ok).abs().max() > 1e-2
-    assert (v_leak - v_ok).abs().max() > 1e-3
+    assert_close_to_oracle(logp_leak[:first], logp_o[:first], logp_ok[:first], msg="first")
+    # the leak is far beyond fp32 rounding: 100 x torch's own fp32 error
+    assert (logp_leak - logp_o).abs().max() > 100 * (logp_ok - logp_o).abs().max()
+    assert (v_leak - v_o).abs().max() > 100 * (v_ok - v_o).abs().max()
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(logp_leak, logp_ok, atol=ATOL, rtol=RTOL)
+        assert_close_to_oracle(logp_leak, logp_o, logp_ok)
 
 
 def test_block_diagonal_mask_matches_definition():
@@ -185,7 +201,7 @@ def test_packed_forward_empty_batch_and_bad_mode(model):
         packed_forward(model, batch, attention="causal")
 
 
-def test_design_pipeline_with_linear_logprobs(model):
+def test_design_pipeline_with_linear_logprobs(model, model64):
     """docs/design.md §3 trainer path: packed hidden -> linear_logprobs(hidden[logit_index], W,
     action_ids) gives the same per-token log-probs in both layouts (and as log_softmax)."""
     from steppo_fast import linear_logprobs
@@ -201,5 +217,8 @@ def test_design_pipeline_with_linear_logprobs(model):
                 hidden[batch.logit_index], weight, batch.action_ids, impl="torch"
             )
             plain, _ = step_outputs(model, batch, hidden)
-            torch.testing.assert_close(out[layout], plain, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out["merged"], out["rows"], atol=ATOL, rtol=RTOL)
+            # same hidden, two fp32 log-prob paths: H-term logits, V-term log-sum-exp
+            assert_close_pair(out[layout], plain, HIDDEN + VOCAB, msg=layout)
+        rows = StepBatch.from_trajectories(trajs, layout="rows")
+        oracle, _ = step_outputs(model64, rows, per_sequence_hidden(model64, rows))
+    assert_close_to_oracle(out["merged"], oracle, out["rows"], msg="merged vs rows")

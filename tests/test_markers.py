@@ -14,7 +14,7 @@ def test_groups_are_registered_and_match_test_files():
     pytest_section = text[text.index("[tool.pytest.ini_options]") :]
     markers = pytest_section[pytest_section.index("markers = [") :].split("]", 1)[0]
     registered = set(re.findall(r'"(\w+):', markers))
-    assert registered == {*SLOW_GROUPS, "slow"}
+    assert registered == {*SLOW_GROUPS, "slow", "numerics"}  # numerics: the second-code-path set
     assert "--strict-markers" in pytest_section
     for group, prefixes in SLOW_GROUPS.items():
         for prefix in prefixes:

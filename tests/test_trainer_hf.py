@@ -5,11 +5,13 @@ reference, gradcheck), rollout log-probs == training log-probs, and an end-to-en
 Everything is built locally: a byte-level BPE trained on the env texts (small vocabulary, so some
 grammar words are several tokens) saved beside a random tiny Qwen2 in ``tmp_path``."""
 
+import copy
 import os
 import random
 
 import pytest
 import torch
+from _tolerance import assert_close_to_oracle
 
 from steppo_fast import StepBatch, linear_logprobs
 from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
@@ -32,7 +34,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 register("doors1", lambda: DoorsEnv(n_doors=1, max_steps=3))
-LOGP_ATOL = 1e-6  # sampler (KV cache, full logits) vs training (padded forward, sparse rows)
 
 
 def _corpus() -> list[str]:
@@ -105,6 +106,13 @@ def tok(model_dir):
 @pytest.fixture(scope="module")
 def policy(model_dir, tok):
     return build_policy(TrainConfig(model=model_dir), tok).eval()
+
+
+@pytest.fixture(scope="module")
+def policy64(policy):
+    """The same policy in fp64: the oracle of the sampler's fp32 log-probs (within
+    ORACLE_FACTOR x the training path's own fp32 error, ``assert_close_to_oracle``)."""
+    return copy.deepcopy(policy).double()
 
 
 def play(policy, tok, env="doors", n=6, grammar=True, seed=0, max_action_tokens=6):
@@ -209,14 +217,24 @@ def test_sparse_masked_logprobs_equal_the_dense_reference(temperature):
     want = masked_logprobs(
         hidden, weight, targets, masks.to_dense(v), bias=bias, temperature=temperature
     )
-    for g, w in zip(got, want):
+    oracle = masked_logprobs(
+        hidden.double(),
+        weight.double(),
+        targets,
+        masks.to_dense(v),
+        bias=bias.double(),
+        temperature=temperature,
+    )
+    for g, w, o in zip(got, want, oracle):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-    # loop oracle from the maths: z[a] - logsumexp(z[allowed])
+        assert_close_to_oracle(g, o, w, msg="sparse vs dense")
+    # loop oracle from the maths: z[a] - logsumexp(z[allowed]), in fp32 (torch's own error)
+    loop = []
     for i in range(m):
         z = (weight[masks.row(i)] @ hidden[i] + bias[masks.row(i)]) / temperature
         za = (weight[targets[i]] @ hidden[i] + bias[targets[i]]) / temperature
-        torch.testing.assert_close(got[0][i], za - torch.logsumexp(z, 0), atol=1e-6, rtol=1e-6)
+        loop.append(za - torch.logsumexp(z, 0))
+    assert_close_to_oracle(got[0], oracle[0], torch.stack(loop), msg="sparse vs loop")
     bad = targets.clone()
     bad[3] = next(t for t in range(v) if t not in masks.row(3).tolist())
     with pytest.raises(ValueError, match=r"targets\[3\]"):
@@ -260,7 +278,7 @@ def test_sample_from_allowed_draws_only_allowed_tokens():
 
 
 @pytest.mark.parametrize("env", ["doors", "quest"])
-def test_rollout_actions_parse_and_logprobs_match_training(policy, tok, env):
+def test_rollout_actions_parse_and_logprobs_match_training(policy, policy64, tok, env):
     res = play(policy, tok, env=env, n=4)
     batch = StepBatch.from_trajectories(res.trajectories)
     assert isinstance(res.masks, SparseMasks) and len(res.masks) == batch.num_actions
@@ -277,7 +295,8 @@ def test_rollout_actions_parse_and_logprobs_match_training(policy, tok, env):
     last = tok.encode("\nAction:")[-1]
     assert torch.all(batch.input_ids[batch.value_index] == last)
     train = reference_logprobs(policy, batch, res.masks, 1.0, "padded")
-    assert (train - batch.rollout_logp).abs().max() <= LOGP_ATOL
+    oracle = reference_logprobs(policy64, batch, res.masks, 1.0, "padded")
+    assert_close_to_oracle(batch.rollout_logp, oracle, train, msg="sampler log-probs")
     # the mask matters: unmasked log-probs of the same tokens are lower
     hidden = hidden_states(policy, batch)
     head = policy.get_output_embeddings().weight
@@ -288,10 +307,10 @@ def test_rollout_actions_parse_and_logprobs_match_training(policy, tok, env):
     sub = masked_logprobs(
         hidden[batch.logit_index][sel], head, batch.action_ids[sel], res.masks[sel]
     )
-    torch.testing.assert_close(sub[0], train[sel], atol=1e-6, rtol=0)
+    assert_close_to_oracle(sub[0].detach(), oracle[sel], train[sel], msg="mini-batch masks")
 
 
-def test_rollout_without_grammar_ends_at_end_token_or_cap(policy, tok):
+def test_rollout_without_grammar_ends_at_end_token_or_cap(policy, policy64, tok):
     res = play(policy, tok, env="doors1", grammar=False, n=4, max_action_tokens=3)
     assert res.masks is None
     for traj in res.trajectories:
@@ -300,10 +319,14 @@ def test_rollout_without_grammar_ends_at_end_token_or_cap(policy, tok):
             assert len(ids) == 3 or ids[-1] == tok.end_id
             assert tok.end_id not in ids[:-1]
     batch = StepBatch.from_trajectories(res.trajectories)
-    hidden = hidden_states(policy, batch)
-    head = policy.get_output_embeddings().weight
-    logp = linear_logprobs(hidden[batch.logit_index], head, batch.action_ids, impl="torch")
-    assert (logp - batch.rollout_logp).abs().max() <= LOGP_ATOL
+    logps = []
+    for lm in (policy, policy64):
+        hidden = hidden_states(lm, batch)
+        head = lm.get_output_embeddings().weight
+        logps.append(
+            linear_logprobs(hidden[batch.logit_index], head, batch.action_ids, impl="torch")
+        )
+    assert_close_to_oracle(batch.rollout_logp, logps[1].detach(), logps[0].detach(), msg="logp")
 
 
 # ----------------------------------------------------------------------------- trainer

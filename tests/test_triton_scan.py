@@ -4,7 +4,7 @@ GAE over the action axis, registered-op checks."""
 
 import pytest
 import torch
-from conftest import TOL
+from _tolerance import assert_within, gae_error, scan_error, unit_roundoff
 from steppo_fast.kernels.scan import ops as scan_ops
 
 from steppo_fast import discounted_returns, step_gae
@@ -23,11 +23,19 @@ def offsets(lengths, dtype=torch.int32):
     )
 
 
-def close(got, want, dtype):
-    """Tolerance of the dtype, absolute part scaled by the magnitude of the accumulated sums."""
-    atol, rtol = TOL[dtype]
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
-    torch.testing.assert_close(got, want, atol=atol * scale, rtol=rtol)
+F32 = torch.float32
+
+
+def gae_bounds(rewards, values, cu, gamma, lam, last, adv, ret):
+    """Elementwise bounds on |triton - torch| for fp32 step_gae (both evaluate it in fp32: twice
+    ``gae_error``); the return R = A + V adds one rounding of |R| on each side."""
+    a = 2 * gae_error(F32, rewards, values, cu, gamma, lam, last, adv)
+    return a, a + 2 * unit_roundoff(F32) * ret.double().abs()
+
+
+def close(got, want, bound, what):
+    assert got.dtype == want.dtype == F32
+    assert_within(got, want, bound, what)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -42,9 +50,9 @@ def test_step_gae_matches_reference(layout, dtype, bootstrap):
         kw = dict(gamma=gamma, lam=lam, last_values=last)
         adv_t, ret_t = step_gae(rewards, values, cu, impl="triton", **kw)
         adv_r, ret_r = step_gae(rewards, values, cu, impl="torch", **kw)
-        assert adv_t.dtype == ret_t.dtype == torch.float32
-        close(adv_t, adv_r, dtype)
-        close(ret_t, ret_r, dtype)
+        bounds = gae_bounds(rewards, values, cu, gamma, lam, last, adv_r, ret_r)
+        close(adv_t, adv_r, bounds[0], "advantages")
+        close(ret_t, ret_r, bounds[1], "returns")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -60,8 +68,21 @@ def test_discounted_returns_forward_backward_match_reference(layout, dtype):
         out = discounted_returns(r, cu, gamma=0.97, last_values=lv, impl=impl)
         (out * grad_out).sum().backward()
         results.append((out.detach(), r.grad.float(), lv.grad.float()))
-    for got, want in zip(*results):
-        close(got, want, torch.float32 if dtype == torch.bfloat16 else dtype)
+    # G_t = r_t + gamma G_{t+1}: 2 roundings of operands <= |r_t| + |G_t| + |r_t|; its backward
+    # runs the transposed (forward) scan of grad_out; d last = gamma x that scan's last entry.
+    (out, d_r, d_last), want = results[1], results[1]
+    twice = 2 * scan_error(F32, 2 * rewards.double().abs() + out.double().abs(), cu, 0.97)
+    d_r_bound = 2 * scan_error(
+        F32, 2 * grad_out.double().abs() + d_r.double().abs(), cu, 0.97, reverse=False
+    )
+    nonempty = cu[1:] > cu[:-1]
+    d_last_bound = torch.zeros(b, dtype=torch.float64)
+    d_last_bound[nonempty] = 0.97 * d_r_bound[cu[1:].long()[nonempty] - 1]
+    d_last_bound += 2 * unit_roundoff(F32) * d_last.double().abs()
+    for got, ref, bound, what in zip(
+        results[0], want, (twice, d_r_bound, d_last_bound), ("G", "d rewards", "d last")
+    ):
+        close(got, ref, bound, what)
 
 
 def test_hand_case():
@@ -97,7 +118,8 @@ def test_many_chunks_exercise_the_carry_loop(reverse):
     )
     if reverse:
         want, want_ret = step_gae(x, v, cu, gamma=0.9, lam=0.98, last_values=last, impl="torch")
-        close(got_ret, want_ret, torch.float32)
+        bound, ret_bound = gae_bounds(x, v, cu, 0.9, 0.98, last, want, want_ret)
+        close(got_ret, want_ret, ret_bound, "returns")
     else:  # forward scan y_t = x_t + decay y_{t-1}: the transposed recurrence, loop oracle
         want = torch.empty(n)
         for s in range(cu.numel() - 1):
@@ -105,7 +127,12 @@ def test_many_chunks_exercise_the_carry_loop(reverse):
             for t in range(int(cu[s]), int(cu[s + 1])):
                 acc = float(x[t]) + 0.9 * 0.98 * acc
                 want[t] = acc
-    close(got, want, torch.float32)
+        # one fp32 evaluation (2 roundings of operands <= 2|x_t| + |y_t| per step) against the
+        # fp64 loop rounded once to fp32
+        magnitude = 2 * x.double().abs() + want.double().abs()
+        bound = scan_error(F32, magnitude, cu, 0.9 * 0.98, reverse=False)
+        bound = bound + unit_roundoff(F32) * want.double().abs()
+    close(got, want, bound, "scan")
 
 
 def test_token_level_gae_over_the_action_axis():
@@ -117,8 +144,9 @@ def test_token_level_gae_over_the_action_axis():
     r, v = torch.randn(a), torch.randn(a)
     got = step_gae(r, v, token_cu, gamma=0.99, lam=0.9, impl="triton")
     want = step_gae(r, v, token_cu, gamma=0.99, lam=0.9, impl="torch")
-    for g, w in zip(got, want):
-        close(g, w, torch.float32)
+    bounds = gae_bounds(r, v, token_cu, 0.99, 0.9, None, *want)
+    for g, w, bound in zip(got, want, bounds):
+        close(g, w, bound, "token-level GAE")
 
 
 def test_extreme_gamma_zero_cuts_every_link():
