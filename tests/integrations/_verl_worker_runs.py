@@ -187,7 +187,7 @@ def run_actor(model_dir: str) -> dict:
             config.model_config = actor_config.model_config
             worker.set_loss_fn(partial(ppo_loss, config=config))
 
-            def log_probs():
+            def log_probs(tensors=tensors):
                 td = to_td(tensors, calculate_entropy=False, compute_loss=False)
                 return padded(td, worker.compute_log_prob(td), "log_probs")
 
@@ -270,11 +270,12 @@ def run_critic(model_dir: str) -> dict:
             checkpoint_config=critic_cfg.checkpoint,
         )
     )
-    import steppo_fast.integrations._verl_rows as vr
     from verl.workers.utils.losses import value_loss as installed_value_loss
 
+    import steppo_fast.integrations._verl_rows as vr
     import steppo_fast.integrations.verl_critic as vc
 
+    verl_value_loss = vc._saved[("verl.workers.utils.losses", "value_loss")]  # verl's own
     tensors, mask = rows("multi")
     steps = vr.steps_from_response_mask(mask)
     step_returns = 2.0 + torch.arange(steps.num_steps, dtype=torch.float32)  # above the values
@@ -316,14 +317,13 @@ def run_critic(model_dir: str) -> dict:
         "step": train(step_value_loss, returns, 2),
         "step_one_micro_batch": train(step_value_loss, returns, 4),
         "step_scrambled": train(step_value_loss, scrambled, 2),
-        "verl_scrambled": train(vc._saved[("verl.workers.utils.losses", "value_loss")], scrambled, 2),
+        "verl_scrambled": train(verl_value_loss, scrambled, 2),
     }
 
 
 def main() -> None:
     which, out = sys.argv[1], sys.argv[2]
     import torch.distributed as dist
-
     import verl  # noqa: F401  (imports the modules named in VERL_USE_EXTERNAL_MODULES)
 
     dist.init_process_group(
