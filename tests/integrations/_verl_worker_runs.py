@@ -301,13 +301,18 @@ def run_critic(model_dir: str) -> dict:
             {**tensors, "values": before, "returns": targets},
             global_batch_size=4,
             mini_batch_size=4,
+            use_dynamic_bsz=False,  # the critic engine's default packs by tokens (one micro-batch)
             micro_batch_size_per_gpu=micro_batch,
             epochs=1,
             seed=1,
             dataloader_kwargs={"shuffle": False},
         )
-        metrics = scalar_metrics(worker.train_mini_batch(td))
-        return {"before": before, "after": values(), "metrics": metrics}
+        from verl.utils import tensordict_utils as tu
+
+        output = worker.train_mini_batch(td)
+        micro_batches = len(tu.get(output, "metrics")["critic/vf_clipfrac"])
+        metrics = scalar_metrics(output)
+        return {"before": before, "after": values(), "metrics": metrics, "micro": micro_batches}
 
     return {
         "mask": mask,

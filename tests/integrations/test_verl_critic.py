@@ -200,3 +200,82 @@ def test_debug_metrics_gain_per_step_mismatch(vc):
     ]
     assert metrics["actor/steppo_step_logp_mismatch"] == pytest.approx(np.mean(per_step))
     assert metrics["actor/steppo_step_logp_mismatch_max"] == pytest.approx(max(per_step))
+
+
+def documented_full_overrides():
+    """The `key=value` overrides of docs/verl.md's full-StepPO config block."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "verl.md"
+    block = doc.read_text().split("test_documented_full_config", 1)[1]
+    block = block.split("```bash", 1)[1].split("```", 1)[0]
+    exports = [line.split()[1] for line in block.splitlines() if line.startswith("export ")]
+    lines = [line for line in block.splitlines() if not line.startswith("export ")]
+    tokens = " ".join(lines).split()
+    return exports, [t for t in tokens if re.fullmatch(r"\+?[a-z_][\w.]*=\S+", t)]
+
+
+def test_documented_full_config(vc):
+    """docs/verl.md's full-StepPO lines compose with verl's ppo_trainer config, enable the
+    critic, and resolve to the plugin's loss, estimator and this module."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.utils import need_critic
+    from verl.utils.config import omega_conf_to_dataclass
+
+    exports, overrides = documented_full_overrides()
+    assert exports == [f"VERL_USE_EXTERNAL_MODULES={MODULE}"]
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(
+            config_name="ppo_trainer",
+            overrides=overrides
+            + [
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                "critic.ppo_micro_batch_size_per_gpu=1",
+            ],
+        )
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == MODULE
+    assert cfg.trainer.use_v1 and need_critic(cfg)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    algorithm = omega_conf_to_dataclass(cfg.algorithm)
+    assert core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode) is (
+        sv.compute_policy_loss_steppo
+    )
+    assert core_algos.get_adv_estimator_fn(algorithm.adv_estimator) is sv.compute_steppo_advantage
+    assert (algorithm.gamma, algorithm.lam) == (1.0, 1.0)
+    assert cfg.critic.loss_agg_mode == "seq-mean-token-mean" and cfg.critic.optim.lr == 1e-5
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.optim.lr) == (3e-4, 4e-4, 1e-6)
+
+
+def test_opt_in_only_through_verl_external_modules():
+    """Loading the loss plugin leaves verl's functions alone; naming verl_critic installs the
+    wrappers on `import verl` and logs one line."""
+    import os
+    import subprocess
+
+    code = (
+        "import verl\n"
+        "from verl.trainer.ppo import ray_trainer\n"
+        "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+        "print(hasattr(ray_trainer.compute_advantage, '__steppo_original__'),"
+        " get_adv_estimator_fn('steppo').__name__)\n"
+    )
+    outputs = {}
+    for name in ("steppo_fast.integrations.verl", MODULE):
+        env = dict(os.environ, VERL_USE_EXTERNAL_MODULES=name)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        outputs[name] = out
+    assert outputs["steppo_fast.integrations.verl"].stdout.split() == [
+        "False",
+        "compute_steppo_advantage",
+    ]
+    assert outputs[MODULE].stdout.split() == ["True", "compute_steppo_advantage"]
+    assert outputs[MODULE].stderr.count(f"{MODULE}: installed on verl") == 1
+    assert f"{MODULE}: installed" not in outputs["steppo_fast.integrations.verl"].stderr

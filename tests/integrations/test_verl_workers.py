@@ -144,6 +144,7 @@ def test_critic_loss_is_globally_normalised(critic):
     of 0.5 (v_s - R_s)^2 on each step's tokens) and the same update."""
     mask, returns = critic["mask"], critic["returns"]
     run, one = critic["step"], critic["step_one_micro_batch"]
+    assert (run["micro"], one["micro"]) == (2, 1)
     v = run["before"].double()
     rows = {}
     for r, s, e in oracle_steps(mask):
