@@ -16,8 +16,9 @@ verl's own registries:
 
   - ``"steppo"``: step GAE with the critic's value at the token before each step, whitened over
     steps. verl 0.9's ``compute_advantage`` hands critic values only to its built-in ``"gae"``,
-    so this estimator is for trainers that pass ``values=`` (and optionally ``traj_uid=`` /
-    ``step_idx=``) themselves; :func:`apply_steppo_advantage` does that on a ``DataProto``;
+    so this estimator needs ``values=`` (and optionally ``traj_uid=`` / ``step_idx=``): from
+    stock verl's trainers by loading :mod:`.verl_critic` (which also trains the critic at
+    step boundaries), or from your own trainer via :func:`apply_steppo_advantage`;
   - ``"steppo_mc"``: the critic-free variant (V = 0: the advantage is the discounted step
     return-to-go, whitened over steps); works from stock verl's ``compute_advantage``.
 
@@ -161,9 +162,10 @@ compute_policy_loss_steppo_dual_clip = register_policy_loss("steppo_dual_clip")(
 
 _NO_VALUES = (
     "values: StepPO's step GAE needs the critic's values [R, L], but none were given. verl 0.9's "
-    "compute_advantage passes values only to its built-in 'gae' estimator: call "
-    "steppo_fast.integrations.verl.apply_steppo_advantage(data) in your trainer, pass values= "
-    "yourself, or use algorithm.adv_estimator=steppo_mc (critic-free step returns)"
+    "compute_advantage passes values only to its built-in 'gae' estimator: load "
+    "steppo_fast.integrations.verl_critic (VERL_USE_EXTERNAL_MODULES; it routes steppo to the "
+    "critic's values), call steppo_fast.integrations.verl.apply_steppo_advantage(data) in your "
+    "trainer, pass values= yourself, or use algorithm.adv_estimator=steppo_mc (critic-free)"
 )
 
 
