@@ -108,6 +108,11 @@ def test_v1_path_equals_compute_steppo_advantage(vc, layout, with_ids):
     out = v1_advantage(data, "steppo")
     assert torch.equal(out.batch["advantages"], expected[0])
     assert torch.equal(out.batch["returns"], expected[1])
+    legacy = ray_trainer.compute_advantage(  # the legacy RayPPOTrainer's name
+        batch(layout, 3, with_ids), "steppo", gamma=0.9, lam=0.8, config=AlgoConfig()
+    )
+    assert torch.equal(legacy.batch["advantages"], expected[0])
+    assert torch.equal(legacy.batch["returns"], expected[1])
     # the advantage is the step's (constant over its tokens), whitened over steps
     steps = oracle_steps(data.batch["response_mask"])
     step_adv = torch.tensor([float(out.batch["advantages"][r, s]) for r, s, _ in steps])
