@@ -314,15 +314,53 @@ def run_critic(model_dir: str) -> dict:
         metrics = scalar_metrics(output)
         return {"before": before, "after": values(), "metrics": metrics, "micro": micro_batches}
 
+    step_run = train(step_value_loss, returns, 2)
     return {
         "mask": mask,
         "returns": returns,
         "scrambled": scrambled,
         "installed_is_step_loss": installed_value_loss is vc.step_value_loss,
-        "step": train(step_value_loss, returns, 2),
+        "step": step_run,
         "step_one_micro_batch": train(step_value_loss, returns, 4),
         "step_scrambled": train(step_value_loss, scrambled, 2),
         "verl_scrambled": train(verl_value_loss, scrambled, 2),
+        "pipeline": pipeline(step_run["before"], lambda r: train(step_value_loss, r, 2), mask),
+    }
+
+
+def pipeline(critic_values, train, mask):
+    """The full-StepPO critic loop as verl's v1 trainer runs it: the critic worker's values ->
+    the v1 compute_advantage path (wrapped: adv_estimator=steppo) -> returns -> the critic
+    worker trained on them with the step-boundary loss. ``critic_values``: the worker's values
+    at the initial weights, which ``train`` resets to before training."""
+    import numpy as np
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+
+    rows_ = mask.shape[0]
+    rewards = torch.zeros(mask.shape)
+    for r in range(rows_):
+        rewards[r, int(mask[r].nonzero().max())] = 1.0 + r  # outcome reward on the last token
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": rewards, "response_mask": mask, "values": critic_values},
+        non_tensors={"uid": np.array([f"u{r}" for r in range(rows_)], dtype=object)},
+    )
+    data = compute_advantage_for_multi_trajectories(
+        data,
+        batch_keys=[f"u{r}_0_0" for r in range(rows_)],
+        adv_estimator="steppo",
+        gamma=0.95,
+        lam=0.9,
+        config=AlgoConfig(gamma=0.95, lam=0.9, adv_estimator="steppo"),
+    )
+    run = train(data.batch["returns"])
+    return {
+        "rewards": rewards,
+        "values": critic_values,
+        "advantages": data.batch["advantages"],
+        "returns": data.batch["returns"],
+        **run,
     }
 
 

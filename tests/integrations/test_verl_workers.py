@@ -155,3 +155,24 @@ def test_critic_loss_is_globally_normalised(critic):
     assert one["metrics"]["loss"] == pytest.approx(expected, rel=64 * EPS32)
     tol = TOKENS_PER_ROW * EPS32 * float(run["after"].abs().max())
     assert (run["after"] - one["after"]).abs().max() <= tol
+
+
+def test_critic_values_to_step_gae_to_critic_update(critic):
+    """The full-StepPO critic loop: the critic worker's values go through verl's v1
+    compute_advantage path (adv_estimator=steppo) into the returns the worker trains on."""
+    from verl.trainer.config import AlgoConfig
+
+    import steppo_fast.integrations.verl as sv
+
+    run, mask = critic["pipeline"], critic["mask"]
+    assert torch.equal(run["before"], run["values"])  # trained from the values it produced
+    advantages, returns = sv.compute_steppo_advantage(
+        token_level_rewards=run["rewards"],
+        response_mask=mask,
+        config=AlgoConfig(gamma=0.95, lam=0.9),
+        values=run["values"],
+    )
+    assert torch.equal(run["advantages"], advantages) and torch.equal(run["returns"], returns)
+    at = boundaries(mask)
+    target = run["returns"][at]
+    assert ((run["after"][at] - target).abs() < (run["before"][at] - target).abs()).all()
