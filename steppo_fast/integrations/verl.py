@@ -188,6 +188,8 @@ def compute_steppo_advantage(
     gamma: float | None = None,
     lam: float | None = None,
     whiten: bool = True,
+    batch=None,
+    non_tensor_batch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"steppo"``: step GAE on verl rows -> (advantages, returns) [R, L].
 
@@ -201,7 +203,17 @@ def compute_steppo_advantage(
         reward_baselines: not supported (a ``ValueError`` when given, never silently ignored).
         gamma, lam: override the config's discount / GAE lambda.
         whiten: whiten advantages over steps.
+        batch, non_tensor_batch: a ``DataProto``'s ``batch`` / ``non_tensor_batch``, as verl
+            hands them to an estimator that accepts them (verl PR #7473; 0.9.1 does so only for
+            ``gdpo``): ``values`` is then read from ``batch["values"]`` and ``traj_uid`` /
+            ``step_idx`` from ``non_tensor_batch`` unless given explicitly.
     """
+    if values is None and batch is not None and "values" in batch.keys():
+        values = batch["values"]
+    if non_tensor_batch is not None and traj_uid is None and "traj_uid" in non_tensor_batch:
+        traj_uid = non_tensor_batch["traj_uid"]
+        if step_idx is None:
+            step_idx = non_tensor_batch.get("step_idx", None)
     if values is None:
         raise ValueError(_NO_VALUES)
     if reward_baselines is not None:

@@ -7,13 +7,14 @@ it), installs the smallest wrappers that provide them, and logs one line saying 
 
 1. **Step GAE from the critic** (``algorithm.adv_estimator=steppo`` + ``critic.enable=True``).
    verl's ``compute_advantage`` hands the critic's ``values`` only to its built-in ``gae``. The
-   wrapper routes ``steppo`` to :func:`.verl.apply_steppo_advantage` (values, rewards,
-   response mask and, when present, ``non_tensor_batch["traj_uid"]`` / ``["step_idx"]``) and
-   calls verl's function unchanged for every other estimator. It replaces the name where the
-   trainers look it up: ``verl.trainer.ppo.ray_trainer.compute_advantage`` (legacy trainer,
-   and the definition) and ``verl.trainer.ppo.v1.utils.compute_advantage`` (the v1 trainer
-   imports it by name). With ``gae`` it raises: this module's critic is trained only at step
-   boundaries, which token-level GAE cannot use.
+   wrapper calls the registered ``steppo`` estimator with ``batch=data.batch`` and
+   ``non_tensor_batch=data.non_tensor_batch`` (it reads ``values`` and, when present,
+   ``traj_uid`` / ``step_idx`` there): exactly the call verl PR #7473 makes for estimators
+   that accept the batch. Every other estimator goes to verl's function unchanged. It replaces
+   the name where the trainers look it up: ``verl.trainer.ppo.ray_trainer.compute_advantage``
+   (legacy trainer, and the definition) and ``verl.trainer.ppo.v1.utils.compute_advantage``
+   (the v1 trainer imports it by name). With ``gae`` it raises: this module's critic is
+   trained only at step boundaries, which token-level GAE cannot use.
 2. **The critic trained where StepPO reads it.** verl's trainers hand the critic worker its
    loss through the worker's own hook, ``set_loss_fn(partial(value_loss, config=critic_cfg))``,
    with ``value_loss`` imported from ``verl.workers.utils.losses`` (by name into
@@ -26,8 +27,8 @@ it), installs the smallest wrappers that provide them, and logs one line saying 
 
 Every replacement is checked to be verl's own function before it is replaced (a clear error
 otherwise), is idempotent, and is undone by :func:`uninstall`. When verl passes the batch to
-registered estimators (verl PR #7473), item 1 reduces to the registered ``steppo`` estimator
-reading ``batch["values"]``: see docs/verl.md.
+registered estimators (verl PR #7473), item 1 is verl's own behaviour and its wrapper can go:
+see docs/verl.md.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import inspect
 import logging
 
 import verl
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
+from . import verl as _registrations  # noqa: F401  (registers the steppo loss and estimators)
 from ._verl_metrics import step_logp_mismatch
 from ._verl_value import step_value_loss_rows
-from .verl import apply_steppo_advantage
 
 __all__ = ["install", "installed", "step_value_loss", "uninstall"]
 
@@ -134,9 +136,20 @@ def _wrap_compute_advantage(original):
             from verl.trainer.ppo.ray_trainer import compute_response_mask
 
             data.batch["response_mask"] = compute_response_mask(data)
-        return apply_steppo_advantage(
-            data, gamma=float(bound.arguments["gamma"]), lam=float(bound.arguments["lam"])
+        # exactly what verl does for an estimator that accepts the batch (verl PR #7473)
+        advantages, returns = get_adv_estimator_fn("steppo")(
+            token_level_rewards=data.batch["token_level_rewards"],
+            response_mask=data.batch["response_mask"],
+            config=bound.arguments["config"],
+            index=data.non_tensor_batch.get("uid", None),
+            batch=data.batch,
+            non_tensor_batch=data.non_tensor_batch,
+            gamma=float(bound.arguments["gamma"]),
+            lam=float(bound.arguments["lam"]),
         )
+        data.batch["advantages"] = advantages
+        data.batch["returns"] = returns
+        return data
 
     compute_advantage.__steppo_original__ = original
     return compute_advantage
