@@ -49,10 +49,10 @@ MASKS = {
 }
 
 
-def build_model_dir() -> str:
+def build_model_dir(scratch: str) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    path = tempfile.mkdtemp(prefix="steppo_verl_qwen2_")
+    path = os.path.join(scratch, "qwen2")
     config = Qwen2Config(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -270,6 +270,7 @@ def run_critic(model_dir: str) -> dict:
             checkpoint_config=critic_cfg.checkpoint,
         )
     )
+    from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import value_loss as installed_value_loss
 
     import steppo_fast.integrations._verl_rows as vr
@@ -307,8 +308,6 @@ def run_critic(model_dir: str) -> dict:
             seed=1,
             dataloader_kwargs={"shuffle": False},
         )
-        from verl.utils import tensordict_utils as tu
-
         output = worker.train_mini_batch(td)
         micro_batches = len(tu.get(output, "metrics")["critic/vf_clipfrac"])
         metrics = scalar_metrics(output)
@@ -365,20 +364,24 @@ def pipeline(critic_values, train, mask):
 
 
 def main() -> None:
-    which, out = sys.argv[1], sys.argv[2]
+    import shutil
+
     import torch.distributed as dist
-    import verl  # noqa: F401  (imports the modules named in VERL_USE_EXTERNAL_MODULES)
+    import verl  # imports the modules named in VERL_USE_EXTERNAL_MODULES
 
-    dist.init_process_group(
-        "gloo", rank=0, world_size=1, init_method=f"file://{tempfile.mktemp(prefix='pg_')}"
-    )
-    model_dir = build_model_dir()
-    result = run_actor(model_dir) if which == "actor" else run_critic(model_dir)
-    import verl as _verl
-
-    result["verl_version"] = _verl.__version__
-    torch.save(result, out)
-    dist.destroy_process_group()
+    which, out = sys.argv[1], sys.argv[2]
+    scratch = tempfile.mkdtemp(prefix="steppo_verl_workers_")
+    try:
+        dist.init_process_group(
+            "gloo", rank=0, world_size=1, init_method=f"file://{scratch}/process_group"
+        )
+        model_dir = build_model_dir(scratch)
+        result = run_actor(model_dir) if which == "actor" else run_critic(model_dir)
+        result["verl_version"] = verl.__version__
+        torch.save(result, out)
+        dist.destroy_process_group()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
