@@ -16,8 +16,9 @@ verl's own registries:
 
   - ``"steppo"``: step GAE with the critic's value at the token before each step, whitened over
     steps. verl 0.9's ``compute_advantage`` hands critic values only to its built-in ``"gae"``,
-    so this estimator is for trainers that pass ``values=`` (and optionally ``traj_uid=`` /
-    ``step_idx=``) themselves; :func:`apply_steppo_advantage` does that on a ``DataProto``;
+    so this estimator needs ``values=`` (and optionally ``traj_uid=`` / ``step_idx=``): from
+    stock verl's trainers by loading :mod:`.verl_critic` (which also trains the critic at
+    step boundaries), or from your own trainer via :func:`apply_steppo_advantage`;
   - ``"steppo_mc"``: the critic-free variant (V = 0: the advantage is the discounted step
     return-to-go, whitened over steps); works from stock verl's ``compute_advantage``.
 
@@ -161,9 +162,10 @@ compute_policy_loss_steppo_dual_clip = register_policy_loss("steppo_dual_clip")(
 
 _NO_VALUES = (
     "values: StepPO's step GAE needs the critic's values [R, L], but none were given. verl 0.9's "
-    "compute_advantage passes values only to its built-in 'gae' estimator: call "
-    "steppo_fast.integrations.verl.apply_steppo_advantage(data) in your trainer, pass values= "
-    "yourself, or use algorithm.adv_estimator=steppo_mc (critic-free step returns)"
+    "compute_advantage passes values only to its built-in 'gae' estimator: load "
+    "steppo_fast.integrations.verl_critic (VERL_USE_EXTERNAL_MODULES; it routes steppo to the "
+    "critic's values), call steppo_fast.integrations.verl.apply_steppo_advantage(data) in your "
+    "trainer, pass values= yourself, or use algorithm.adv_estimator=steppo_mc (critic-free)"
 )
 
 
@@ -186,6 +188,8 @@ def compute_steppo_advantage(
     gamma: float | None = None,
     lam: float | None = None,
     whiten: bool = True,
+    batch=None,
+    non_tensor_batch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"steppo"``: step GAE on verl rows -> (advantages, returns) [R, L].
 
@@ -199,7 +203,17 @@ def compute_steppo_advantage(
         reward_baselines: not supported (a ``ValueError`` when given, never silently ignored).
         gamma, lam: override the config's discount / GAE lambda.
         whiten: whiten advantages over steps.
+        batch, non_tensor_batch: a ``DataProto``'s ``batch`` / ``non_tensor_batch``, as verl
+            hands them to an estimator that accepts them (verl PR #7473; 0.9.1 does so only for
+            ``gdpo``): ``values`` is then read from ``batch["values"]`` and ``traj_uid`` /
+            ``step_idx`` from ``non_tensor_batch`` unless given explicitly.
     """
+    if values is None and batch is not None and "values" in batch.keys():
+        values = batch["values"]
+    if non_tensor_batch is not None and traj_uid is None and "traj_uid" in non_tensor_batch:
+        traj_uid = non_tensor_batch["traj_uid"]
+        if step_idx is None:
+            step_idx = non_tensor_batch.get("step_idx", None)
     if values is None:
         raise ValueError(_NO_VALUES)
     if reward_baselines is not None:

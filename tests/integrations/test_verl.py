@@ -363,6 +363,18 @@ def test_steppo_estimator_with_values_and_apply_on_data_proto():
     sv.apply_steppo_advantage(data, gamma=0.95, lam=0.9)
     torch.testing.assert_close(data.batch["advantages"], adv)
     torch.testing.assert_close(data.batch["returns"], ret)
+    # the call verl makes for estimators that accept the batch (verl PR #7473)
+    from_batch = fn(
+        token_level_rewards=rewards,
+        response_mask=mask,
+        config=config,
+        index=uid,
+        batch=data.batch,
+        non_tensor_batch=data.non_tensor_batch,
+    )
+    assert torch.equal(from_batch[0], adv) and torch.equal(from_batch[1], ret)
+    with pytest.raises(ValueError, match="values: StepPO's step GAE needs"):
+        fn(token_level_rewards=rewards, response_mask=mask, batch=data.batch.exclude("values"))
     with pytest.raises(ValueError, match="reward_baselines"):
         fn(
             token_level_rewards=rewards,
