@@ -5,7 +5,8 @@
 // mutex (counted in `active`) and then claims chunks with an atomic fetch_add. The caller
 // claims chunks too; when it finds none left it waits until `active` is 0 (every joined
 // worker has run its last claimed chunk), then closes the generation (fn = nullptr) so a
-// worker that wakes late cannot join it. Workers are detached threads of a pool that is
+// worker that wakes late cannot join it (also when fn throws on the caller; fn must not throw
+// on a worker: that ends the process, as in an OpenMP region). Workers are detached threads of a pool that is
 // never destroyed (no static-destructor races at exit); a fork child gets a new pool.
 #include "parallel.h"
 
@@ -105,14 +106,25 @@ void parallel_for_chunks(int64_t chunks, int threads, const std::function<void(i
   }
   p->wake.notify_all();
   regions_run.fetch_add(1, std::memory_order_relaxed);
-  for (int64_t k = p->next.fetch_add(1, std::memory_order_relaxed); k < chunks;
-       k = p->next.fetch_add(1, std::memory_order_relaxed)) {
-    fn(k);
+  // Close the region on every exit path, exceptions included: no further claims, wait for
+  // the joined workers (they use fn and the caller's data), then no worker may join.
+  auto close_region = [p, chunks] {
+    p->next.store(chunks, std::memory_order_relaxed);
+    std::unique_lock<std::mutex> lock(p->mutex);
+    p->idle.wait(lock, [&] { return p->active == 0; });
+    p->fn = nullptr;
+    p->total = 0;
+  };
+  try {
+    for (int64_t k = p->next.fetch_add(1, std::memory_order_relaxed); k < chunks;
+         k = p->next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(k);
+    }
+  } catch (...) {
+    close_region();
+    throw;
   }
-  std::unique_lock<std::mutex> lock(p->mutex);
-  p->idle.wait(lock, [&] { return p->active == 0; });
-  p->fn = nullptr;  // close the region: a worker waking from now on does not join it
-  p->total = 0;
+  close_region();
 }
 
 void pool_stats(int64_t* regions, int64_t* worker_chunks) {

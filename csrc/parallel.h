@@ -14,7 +14,9 @@
 //
 // One region runs at a time: a call made while another thread's region is running (two
 // Python threads calling ops at once) runs serially on its caller. After fork() the child
-// starts with a fresh, empty pool (workers are not inherited). fn must not throw.
+// starts with a fresh, empty pool (workers are not inherited). fn must not throw (an
+// exception on a worker thread ends the process; on the caller it is rethrown once the
+// workers have left the loop).
 #pragma once
 
 #include <cstdint>
