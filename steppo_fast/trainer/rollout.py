@@ -13,8 +13,11 @@ All episodes of a call advance together, one environment step at a time:
    dropped with ``DynamicCache.batch_select_indices``).
 
 The cache is a transformers ``DynamicCache`` handed to the model under the name its
-``forward`` declares: ``cache`` (transformers >= 5.2x, where ``past_key_values`` is deprecated
-and goes away in 5.40) or ``past_key_values`` (older 5.x releases), so no release warns.
+``forward`` declares: ``cache`` (recent 5.x releases such as 5.25, where ``past_key_values``
+is deprecated until its removal in 5.40) or ``past_key_values`` (earlier releases such as 5.10,
+which silently ignore a ``cache=`` argument), so no release warns or decodes without its cache.
+A wrapper whose ``forward`` only takes ``**kwargs`` gets ``past_key_values`` (works everywhere
+before 5.40, with the deprecation warning on new releases).
 
 Rows share one cache whose columns hold each row's real tokens plus pad columns; a 2-D
 ``attention_mask`` (1 = real token) hides the pads and explicit ``position_ids`` count real
