@@ -18,7 +18,7 @@ returns [S] fp32) divided by the machine's copy bandwidth measured in the same r
 Usage: ``python bench/bench_advantages.py [--quick] [--threads N] [--max-loop-rows N]
 [--hogs N] [--name NAME]``. ``--hogs N`` keeps N background ``while 1: pass`` processes
 running during the measurement (one per core: a loaded machine). Prints a table, writes
-bench/results/NAME.json and NAME.png (default ``advantages``).
+``NAME.json`` and ``NAME.png`` in bench/results/ (default NAME: ``advantages``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Kernels (fp32, int32 offsets; trajectories of 32 steps, steps of 4..60 action to
 - ``loss``: ``step_policy_loss`` (step ratio, step-mean) over n tokens, with d/d logp.
 
 Usage: ``python bench/bench_threads.py [--hogs 2] [--name NAME] [--kernels scan,whiten]``.
-Writes bench/results/<NAME>.json (default ``threads_idle`` / ``threads_loaded``).
+Writes ``NAME.json`` in bench/results/ (default NAME: ``threads_idle``, or ``threads_loaded``
+with hogs).
 """
 
 from __future__ import annotations
