@@ -6,14 +6,27 @@ C++ CPU extension ``steppo_fast._C``.
 ``torchrun -m``, ``python -m pytest``) the root is on ``sys.path``, and a regular package named
 ``kernels`` there would shadow Hugging Face's ``kernels`` package, which transformers imports. A
 folder without ``__init__.py`` is at most a namespace-package candidate, which loses to any
-regular ``kernels`` package later on ``sys.path``."""
+regular ``kernels`` package later on ``sys.path``.
+
+A rebuild (``pip install --no-build-isolation -e .``) swaps the new ``_C*.so`` in atomically
+(csrc/atomic_install.py): running processes keep the library they loaded."""
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def atomic_build_ext(base):
+    """``base`` (a build_ext command) with atomic installs of built libraries."""
+    path = os.path.join(HERE, "csrc", "atomic_install.py")
+    spec = importlib.util.spec_from_file_location("_steppo_atomic_install", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.atomic_build_ext(base)
 
 
 def cpp_extensions():
@@ -27,10 +40,10 @@ def cpp_extensions():
     ext = CppExtension(
         name="steppo_fast._C",
         sources=sources,
-        extra_compile_args=["-O3", "-fopenmp", "-g0", "-std=c++17"],
-        extra_link_args=["-fopenmp"],
+        extra_compile_args=["-O3", "-g0", "-std=c++17"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    build_ext = atomic_build_ext(BuildExtension.with_options(use_ninja=True))
+    return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = cpp_extensions()

@@ -15,8 +15,10 @@ The bandwidth floor of a size is the bytes that any implementation must move (re
 values [S] fp32, cu_trajs [B+1], cu_steps [S+1] int32; write token advantages [A] and step
 returns [S] fp32) divided by the machine's copy bandwidth measured in the same run.
 
-Usage: ``python bench/bench_advantages.py [--quick] [--threads N] [--max-loop-rows N]``.
-Prints a table, writes bench/results/advantages.json and bench/results/advantages.png.
+Usage: ``python bench/bench_advantages.py [--quick] [--threads N] [--max-loop-rows N]
+[--hogs N] [--name NAME]``. ``--hogs N`` keeps N background ``while 1: pass`` processes
+running during the measurement (one per core: a loaded machine). Prints a table, writes
+``NAME.json`` and ``NAME.png`` in bench/results/ (default NAME: ``advantages``).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from bench.harness import (  # noqa: E402
     RESULTS_DIR,
     best_time,
     copy_bandwidth,
+    cpu_hogs,
     machine_info,
     print_table,
+    time_stats,
     write_results,
 )
 
@@ -154,12 +158,14 @@ def run(sizes, min_tokens, max_tokens, pad_len, max_loop_rows, reps, bandwidth):
         check_same("cpp vs torch", got_adv, got_ret, want_adv, want_ret)
         check_same("cpp raw vs torch", *pipeline_raw(data), want_adv, want_ret)
         row = dict(trajs=num_trajs, steps=steps, S=num_steps, A=num_tokens)
-        row["cpp_ms"] = 1e3 * best_time(lambda d=data: pipeline_public(d, "cpp"), reps=reps)
+        cpp = time_stats(lambda d=data: pipeline_public(d, "cpp"), reps=reps)
+        row["cpp_ms"], row["cpp_med_ms"] = 1e3 * cpp["min"], 1e3 * cpp["median"]
         row["cpp_raw_ms"] = 1e3 * best_time(lambda d=data: pipeline_raw(d), reps=reps)
         threads = torch.get_num_threads()
         if threads > 1:  # the same on one thread: stable when other processes load the cores
             torch.set_num_threads(1)
-            row["cpp_1t_ms"] = 1e3 * best_time(lambda d=data: pipeline_public(d, "cpp"), reps=reps)
+            one = time_stats(lambda d=data: pipeline_public(d, "cpp"), reps=reps)
+            row["cpp_1t_ms"], row["cpp_1t_med_ms"] = 1e3 * one["min"], 1e3 * one["median"]
             torch.set_num_threads(threads)
         row["torch_ms"] = 1e3 * best_time(lambda d=data: pipeline_public(d, "torch"), reps=reps)
         if num_steps <= max_loop_rows:
@@ -244,7 +250,9 @@ def main():
         help="skip the loop baseline above this many step rows",
     )
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--hogs", type=int, default=0, help="background busy processes")
+    parser.add_argument("--name", default="advantages", help="results file name (no suffix)")
     args = parser.parse_args()
     load_start = os.getloadavg()
     bandwidth = copy_bandwidth()  # the whole machine's (default threads), before --threads
@@ -253,15 +261,17 @@ def main():
     assert args.max_tokens <= args.pad_len
     sizes = [s for s in SIZES if not args.quick or s[0] * s[1] <= 2048 * 32]
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.2f} GB/s")
-    rows = run(
-        sizes,
-        args.min_tokens,
-        args.max_tokens,
-        args.pad_len,
-        args.max_loop_rows,
-        args.reps,
-        bandwidth,
-    )
+    with cpu_hogs(args.hogs):
+        load_hogs = os.getloadavg()
+        rows = run(
+            sizes,
+            args.min_tokens,
+            args.max_tokens,
+            args.pad_len,
+            args.max_loop_rows,
+            args.reps,
+            bandwidth,
+        )
     print()
     print_table(
         rows,
@@ -275,6 +285,8 @@ def main():
             "cpp_ms",
             "cpp_raw_ms",
             "cpp_1t_ms",
+            "cpp_med_ms",
+            "cpp_1t_med_ms",
             "floor_ms",
             "loop/cpp",
             "torch/cpp",
@@ -284,8 +296,10 @@ def main():
         ],
     )
     path = write_results(
-        "advantages",
+        args.name,
         rows,
+        hogs=args.hogs,
+        loadavg_with_hogs=load_hogs,
         bandwidth_bytes_per_s=bandwidth,
         gamma=GAMMA,
         lam=LAM,
@@ -297,7 +311,7 @@ def main():
         loadavg_start=load_start,
         loadavg_end=os.getloadavg(),
     )
-    png = os.path.join(RESULTS_DIR, "advantages.png")
+    png = os.path.join(RESULTS_DIR, f"{args.name}.png")
     plot(rows, png)
     print(f"wrote {path} and {png}")
 

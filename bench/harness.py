@@ -147,3 +147,42 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+class cpu_hogs:  # noqa: N801  (used as a context manager, like contextlib helpers)
+    """Context manager: ``n`` background processes spinning ``while 1: pass`` (one per core
+    loads the machine as other users' jobs do). Killed by their own pids on exit; ``n = 0``
+    does nothing. The 1-minute loadavg lags: give it a few seconds before reading it."""
+
+    def __init__(self, n: int, settle_s: float = 2.0):
+        self.n, self.settle_s, self.procs = n, settle_s, []
+
+    def __enter__(self) -> cpu_hogs:
+        import sys
+
+        for _ in range(self.n):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while 1: pass"]))
+        if self.n:
+            time.sleep(self.settle_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+
+
+def time_stats(fn: Callable[[], object], *, reps: int = 5, warmup: int = 1) -> dict:
+    """Min and median wall time (s) of ``reps`` calls after ``warmup`` calls. On a loaded
+    machine the median shows stalls that the best-of hides."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"min": times[0], "median": times[len(times) // 2]}

@@ -1,4 +1,4 @@
-// Shared helpers for the steppo_fast CPU kernels (OpenMP).
+// Shared helpers for the steppo_fast CPU kernels (threads: parallel.h).
 //
 // Conventions used by every kernel in csrc/:
 //   * float inputs may be fp32, bf16, fp16 (upcast per element, accumulated in double, written
@@ -13,11 +13,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
+
+#include "parallel.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -30,17 +32,50 @@ inline at::ScalarType out_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Number of OpenMP threads a kernel may use: torch's intra-op setting (torch.set_num_threads).
-inline int num_threads() { return std::max(1, at::get_num_threads()); }
+// ---- Threads (steppo_fast.cpu.set_num_threads) and when to use them.
+//
+// Kernels split their flat axis into chunks run by parallel_for_chunks (parallel.h: the
+// caller never waits for a thread that was not scheduled, unlike an OpenMP region, which
+// stalled here for 20-45 ms per region under load). A kernel uses threads only when its input
+// is large enough for a second thread to pay off (thresholds measured with
+// bench/bench_threads.py, given in each kernel file), and the thread count is a knob.
 
-// Split [0, n) into contiguous chunks of at least `min_chunk` elements, about `per_thread`
-// chunks per thread (more chunks than threads so a dynamic schedule absorbs load from other
-// processes on a shared machine). Returns the chunk count; chunk k is [k*n/P, (k+1)*n/P).
-inline int64_t num_chunks(int64_t n, int64_t min_chunk, int per_thread = 4) {
+// The knob: 0 = follow torch's intra-op setting (torch.set_num_threads), n >= 1 = n threads.
+// Process-wide, set from Python only (never read from the environment).
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> value{0};
+  return value;
+}
+
+// Benchmark override of every kernel's parallel threshold (entries): -1 = the kernels' own.
+inline std::atomic<int64_t>& parallel_min_setting() {
+  static std::atomic<int64_t> value{-1};
+  return value;
+}
+
+// Number of threads a kernel may use: the knob, else torch's intra-op setting.
+inline int num_threads() {
+  const int set = thread_setting().load(std::memory_order_relaxed);
+  return std::max(1, set > 0 ? set : at::get_num_threads());
+}
+
+// Threads for one parallel loop over `n` entries: num_threads() when n >= `parallel_min`
+// (the kernel's measured crossover, or the benchmark override), else 1 (a plain loop).
+inline int region_threads(int64_t n, int64_t parallel_min) {
+  const int threads = num_threads();
+  const int64_t override_min = parallel_min_setting().load(std::memory_order_relaxed);
+  const int64_t threshold = override_min >= 0 ? override_min : parallel_min;
+  return (threads > 1 && n >= threshold) ? threads : 1;
+}
+
+// Split [0, n) into contiguous chunks for a region of `threads` threads: one chunk when
+// serial, else `per_thread` chunks per thread (more chunks than threads: threads claim them one
+// at a time, so uneven progress, or a thread preempted by another process, costs at most about
+// one chunk), never more than n. Chunk k is [k*n/P, (k+1)*n/P).
+inline int64_t num_chunks(int64_t n, int threads, int per_thread = 8) {
   if (n <= 0) return 0;
-  int64_t by_size = (n + min_chunk - 1) / min_chunk;
-  int64_t by_threads = static_cast<int64_t>(num_threads()) * per_thread;
-  return std::max<int64_t>(1, std::min(by_size, by_threads));
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(n, static_cast<int64_t>(threads) * per_thread));
 }
 inline int64_t chunk_begin(int64_t k, int64_t n, int64_t chunks) { return k * n / chunks; }
 

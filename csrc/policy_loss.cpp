@@ -17,8 +17,10 @@
 // loss_sum w.r.t. logp: a unit contributes w_u (-A) rho dl/dlogp unless it is clipped, dual
 // clipped or |l| > 20 (clamps are flat there); the KL term kl_coef w'_t dk/dlogp.
 // Work is split over trajectories (or blocks of steps when no trajectory data is needed),
-// accumulated in double with OpenMP reductions.
+// accumulated in double, per chunk of work items, combined in chunk order.
 #include "common.h"
+
+#include <array>
 
 #include <cmath>
 #include <limits>
@@ -34,6 +36,9 @@ enum class KlType { kK1, kK2, kK3 };
 constexpr double kLogRatioClamp = 20.0;  // rho = exp(clamp(l, -20, 20))
 constexpr double kK3Clamp = 10.0;        // k3 clamped to [-10, 10]
 constexpr int64_t kStepBlock = 256;      // steps per work item when trajectories are not needed
+// Action tokens from which the loss runs on num_threads() threads (below: one thread, a
+// plain loop). Crossover measured with bench/bench_threads.py (bench/README.md).
+constexpr int64_t kParallelMin = 1 << 16;
 
 struct LossOptions {
   RatioLevel ratio_level;
@@ -109,130 +114,149 @@ struct LossArgs {
 template <typename scalar_t, typename acc_t, typename index_t>
 void loss_kernel(const LossArgs<scalar_t, acc_t, index_t>& a, const LossOptions& o,
                  double& loss_sum, double* st) {
-  double loss = 0.0, total_w = 0.0, clip_n = 0.0, dual_n = 0.0, ratio_n = 0.0;
-  double tok_total = 0.0, kl_n = 0.0;
-  double ratio_min = std::numeric_limits<double>::infinity();
-  double ratio_max = -std::numeric_limits<double>::infinity();
   const bool kl_on = o.kl_coef != 0.0;
-  // threads only pay off (and only risk waiting for a descheduled thread) on large batches
-  const bool parallel = static_cast<int64_t>(a.cu_steps[a.blocks[a.num_blocks]]) >= (1 << 16);
-#pragma omp parallel for if (parallel) schedule(dynamic, 4) num_threads(num_threads())  \
-    reduction(+ : loss, total_w, clip_n, dual_n, ratio_n, tok_total, kl_n)                 \
-    reduction(min : ratio_min) reduction(max : ratio_max)
-  for (int64_t b = 0; b < a.num_blocks; ++b) {
-    const int64_t s0 = a.blocks[b], s1 = a.blocks[b + 1];
-    auto sw_of = [&](int64_t s) {
-      return a.step_weight ? static_cast<double>(a.step_weight[s]) : 1.0;
-    };
-    auto x_of = [&](int64_t i) {
-      return static_cast<double>(a.logp[i]) - static_cast<double>(a.old_logp[i]);
-    };
-    // Trajectory data (only meaningful when blocks are trajectories).
-    double traj_tokens = 0.0, traj_steps = 0.0, traj_x = 0.0;
-    if (o.agg == Agg::kTrajMean || o.ratio_level == RatioLevel::kTrajectory) {
+  // threads only pay off (and only risk waiting for a preempted thread) on large batches
+  const int threads =
+      region_threads(static_cast<int64_t>(a.cu_steps[a.blocks[a.num_blocks]]), kParallelMin);
+  const int64_t chunks = num_chunks(a.num_blocks, threads);
+  // per chunk of work items: the loss numerator then the stats (Stat order), combined below in
+  // chunk order (deterministic for a given thread count)
+  std::vector<std::array<double, 1 + kNumStats>> part(static_cast<size_t>(chunks));
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
+    double loss = 0.0, total_w = 0.0, clip_n = 0.0, dual_n = 0.0, ratio_n = 0.0;
+    double tok_total = 0.0, kl_n = 0.0;
+    double ratio_min = std::numeric_limits<double>::infinity();
+    double ratio_max = -std::numeric_limits<double>::infinity();
+    const int64_t b_lo = chunk_begin(k, a.num_blocks, chunks);
+    const int64_t b_hi = chunk_begin(k + 1, a.num_blocks, chunks);
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+      const int64_t s0 = a.blocks[b], s1 = a.blocks[b + 1];
+      auto sw_of = [&](int64_t s) {
+        return a.step_weight ? static_cast<double>(a.step_weight[s]) : 1.0;
+      };
+      auto x_of = [&](int64_t i) {
+        return static_cast<double>(a.logp[i]) - static_cast<double>(a.old_logp[i]);
+      };
+      // Trajectory data (only meaningful when blocks are trajectories).
+      double traj_tokens = 0.0, traj_steps = 0.0, traj_x = 0.0;
+      if (o.agg == Agg::kTrajMean || o.ratio_level == RatioLevel::kTrajectory) {
+        for (int64_t s = s0; s < s1; ++s) {
+          if (!(sw_of(s) > 0)) continue;
+          const int64_t t0 = a.cu_steps[s], t1 = a.cu_steps[s + 1];
+          traj_tokens += static_cast<double>(t1 - t0);
+          traj_steps += 1.0;
+          if (o.ratio_level == RatioLevel::kTrajectory)
+            for (int64_t i = t0; i < t1; ++i) traj_x += x_of(i);
+        }
+      }
+      const double traj_norm = std::pow(std::max(traj_tokens, 1.0), o.length_power);
+      const double traj_l = traj_x / traj_norm;
+      double traj_dl = 0.0;  // d(loss_sum)/d(l_b) for the trajectory ratio
       for (int64_t s = s0; s < s1; ++s) {
-        if (!(sw_of(s) > 0)) continue;
         const int64_t t0 = a.cu_steps[s], t1 = a.cu_steps[s + 1];
-        traj_tokens += static_cast<double>(t1 - t0);
-        traj_steps += 1.0;
-        if (o.ratio_level == RatioLevel::kTrajectory)
-          for (int64_t i = t0; i < t1; ++i) traj_x += x_of(i);
-      }
-    }
-    const double traj_norm = std::pow(std::max(traj_tokens, 1.0), o.length_power);
-    const double traj_l = traj_x / traj_norm;
-    double traj_dl = 0.0;  // d(loss_sum)/d(l_b) for the trajectory ratio
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t t0 = a.cu_steps[s], t1 = a.cu_steps[s + 1];
-      const double n = static_cast<double>(t1 - t0);
-      const double sw = sw_of(s);
-      const bool valid = sw > 0;
-      const double adv = valid ? static_cast<double>(a.adv[s]) : 0.0;
-      // token-unit weight w'_t and step-unit weight
-      double tok_w, step_w;
-      if (o.agg == Agg::kStepMean) {
-        tok_w = sw / std::max(n, 1.0);
-        step_w = sw;
-      } else if (o.agg == Agg::kTokenMean) {
-        tok_w = sw;
-        step_w = sw * n;
-      } else {
-        tok_w = sw / std::max(traj_tokens, 1.0);
-        step_w = sw / std::max(traj_steps, 1.0);
-      }
-      tok_total += tok_w * n;
-      double step_x = 0.0;  // sum of x over the step (0 on zero-weight steps)
-      if (valid)
-        for (int64_t i = t0; i < t1; ++i) step_x += x_of(i);
-      kl_n -= tok_w * step_x;
-      if (o.ratio_level == RatioLevel::kToken) {
-        total_w += tok_w * n;
-        for (int64_t i = t0; i < t1; ++i) {
-          const UnitResult r = unit_loss(valid ? x_of(i) : 0.0, adv, o);
-          loss += tok_w * r.loss;
-          clip_n += r.clipped ? tok_w : 0.0;
-          dual_n += r.dual ? tok_w : 0.0;
-          ratio_n += tok_w * r.rho;
-          if (tok_w > 0) {
+        const double n = static_cast<double>(t1 - t0);
+        const double sw = sw_of(s);
+        const bool valid = sw > 0;
+        const double adv = valid ? static_cast<double>(a.adv[s]) : 0.0;
+        // token-unit weight w'_t and step-unit weight
+        double tok_w, step_w;
+        if (o.agg == Agg::kStepMean) {
+          tok_w = sw / std::max(n, 1.0);
+          step_w = sw;
+        } else if (o.agg == Agg::kTokenMean) {
+          tok_w = sw;
+          step_w = sw * n;
+        } else {
+          tok_w = sw / std::max(traj_tokens, 1.0);
+          step_w = sw / std::max(traj_steps, 1.0);
+        }
+        tok_total += tok_w * n;
+        double step_x = 0.0;  // sum of x over the step (0 on zero-weight steps)
+        if (valid)
+          for (int64_t i = t0; i < t1; ++i) step_x += x_of(i);
+        kl_n -= tok_w * step_x;
+        if (o.ratio_level == RatioLevel::kToken) {
+          total_w += tok_w * n;
+          for (int64_t i = t0; i < t1; ++i) {
+            const UnitResult r = unit_loss(valid ? x_of(i) : 0.0, adv, o);
+            loss += tok_w * r.loss;
+            clip_n += r.clipped ? tok_w : 0.0;
+            dual_n += r.dual ? tok_w : 0.0;
+            ratio_n += tok_w * r.rho;
+            if (tok_w > 0) {
+              ratio_min = std::min(ratio_min, r.rho);
+              ratio_max = std::max(ratio_max, r.rho);
+            }
+            if (a.grad) a.grad[i] = static_cast<acc_t>(valid ? tok_w * r.dloss_dl : 0.0);
+          }
+        } else {
+          const double step_norm = std::pow(std::max(n, 1.0), o.length_power);
+          const double l = o.ratio_level == RatioLevel::kStep ? step_x / step_norm : traj_l;
+          const UnitResult r = unit_loss(l, adv, o);
+          total_w += step_w;
+          loss += step_w * r.loss;
+          clip_n += r.clipped ? step_w : 0.0;
+          dual_n += r.dual ? step_w : 0.0;
+          ratio_n += step_w * r.rho;
+          if (step_w > 0) {
             ratio_min = std::min(ratio_min, r.rho);
             ratio_max = std::max(ratio_max, r.rho);
           }
-          if (a.grad) a.grad[i] = static_cast<acc_t>(valid ? tok_w * r.dloss_dl : 0.0);
+          if (o.ratio_level == RatioLevel::kStep) {
+            const double g = valid ? step_w * r.dloss_dl / step_norm : 0.0;
+            if (a.grad)
+              for (int64_t i = t0; i < t1; ++i) a.grad[i] = static_cast<acc_t>(g);
+          } else {
+            traj_dl += step_w * r.dloss_dl;
+            if (a.grad)  // the trajectory's tokens get their share after the loop
+              for (int64_t i = t0; i < t1; ++i) a.grad[i] = 0;
+          }
         }
-      } else {
-        const double step_norm = std::pow(std::max(n, 1.0), o.length_power);
-        const double l = o.ratio_level == RatioLevel::kStep ? step_x / step_norm : traj_l;
-        const UnitResult r = unit_loss(l, adv, o);
-        total_w += step_w;
-        loss += step_w * r.loss;
-        clip_n += r.clipped ? step_w : 0.0;
-        dual_n += r.dual ? step_w : 0.0;
-        ratio_n += step_w * r.rho;
-        if (step_w > 0) {
-          ratio_min = std::min(ratio_min, r.rho);
-          ratio_max = std::max(ratio_max, r.rho);
-        }
-        if (o.ratio_level == RatioLevel::kStep) {
-          const double g = valid ? step_w * r.dloss_dl / step_norm : 0.0;
-          if (a.grad)
-            for (int64_t i = t0; i < t1; ++i) a.grad[i] = static_cast<acc_t>(g);
-        } else {
-          traj_dl += step_w * r.dloss_dl;
-          if (a.grad)  // the trajectory's tokens get their share after the loop
-            for (int64_t i = t0; i < t1; ++i) a.grad[i] = 0;
+        if (kl_on) {
+          for (int64_t i = t0; i < t1; ++i) {
+            double k = 0.0, dk = 0.0;
+            if (valid) {
+              kl_term(static_cast<double>(a.logp[i]), static_cast<double>(a.ref_logp[i]),
+                      o.kl_type, k, dk);
+            }
+            loss += o.kl_coef * tok_w * k;
+            if (a.grad && valid) a.grad[i] += static_cast<acc_t>(o.kl_coef * tok_w * dk);
+          }
         }
       }
-      if (kl_on) {
-        for (int64_t i = t0; i < t1; ++i) {
-          double k = 0.0, dk = 0.0;
-          if (valid) {
-            kl_term(static_cast<double>(a.logp[i]), static_cast<double>(a.ref_logp[i]),
-                    o.kl_type, k, dk);
+      if (o.ratio_level == RatioLevel::kTrajectory && a.grad) {
+        const double g = traj_dl / traj_norm;
+        for (int64_t s = s0; s < s1; ++s) {
+          if (!(sw_of(s) > 0)) continue;
+          for (int64_t i = a.cu_steps[s]; i < a.cu_steps[s + 1]; ++i) {
+            a.grad[i] += static_cast<acc_t>(g);
           }
-          loss += o.kl_coef * tok_w * k;
-          if (a.grad && valid) a.grad[i] += static_cast<acc_t>(o.kl_coef * tok_w * dk);
         }
       }
     }
-    if (o.ratio_level == RatioLevel::kTrajectory && a.grad) {
-      const double g = traj_dl / traj_norm;
-      for (int64_t s = s0; s < s1; ++s) {
-        if (!(sw_of(s) > 0)) continue;
-        for (int64_t i = a.cu_steps[s]; i < a.cu_steps[s + 1]; ++i) {
-          a.grad[i] += static_cast<acc_t>(g);
-        }
-      }
+    auto& q = part[static_cast<size_t>(k)];
+    q[0] = loss;
+    q[1 + kTotalW] = total_w;
+    q[1 + kClipN] = clip_n;
+    q[1 + kDualN] = dual_n;
+    q[1 + kRatioN] = ratio_n;
+    q[1 + kRatioMin] = ratio_min;
+    q[1 + kRatioMax] = ratio_max;
+    q[1 + kTokTotal] = tok_total;
+    q[1 + kKlN] = kl_n;
+  });
+  loss_sum = 0.0;
+  for (int i = 0; i < kNumStats; ++i) st[i] = 0.0;
+  st[kRatioMin] = std::numeric_limits<double>::infinity();
+  st[kRatioMax] = -std::numeric_limits<double>::infinity();
+  for (const auto& q : part) {
+    loss_sum += q[0];
+    for (int i = 0; i < kNumStats; ++i) {
+      if (i == kRatioMin) st[i] = std::min(st[i], q[1 + i]);
+      else if (i == kRatioMax) st[i] = std::max(st[i], q[1 + i]);
+      else st[i] += q[1 + i];
     }
   }
-  loss_sum = loss;
-  st[kTotalW] = total_w;
-  st[kClipN] = clip_n;
-  st[kDualN] = dual_n;
-  st[kRatioN] = ratio_n;
-  st[kRatioMin] = ratio_min;
-  st[kRatioMax] = ratio_max;
-  st[kTokTotal] = tok_total;
-  st[kKlN] = kl_n;
 }
 
 LossOptions parse_options(const std::string& ratio_level, const std::string& agg,

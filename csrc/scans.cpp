@@ -24,6 +24,10 @@
 namespace steppo_fast {
 namespace {
 
+// Entries of the flat axis from which the scan runs on num_threads() threads (below: one
+// thread, a plain loop). Crossover measured with bench/bench_threads.py (bench/README.md).
+constexpr int64_t kParallelMin = 1 << 16;
+
 template <typename scalar_t, typename out_t, typename index_t>
 struct ScanArgs {
   const scalar_t* rewards;     // [S] reward of every entry
@@ -94,25 +98,25 @@ inline double scan_piece(const ScanArgs<scalar_t, out_t, index_t>& a, int64_t b,
 template <typename scalar_t, typename out_t, typename index_t>
 void scan_kernel(const ScanArgs<scalar_t, out_t, index_t>& a) {
   const int64_t n = static_cast<int64_t>(a.cu[a.num_segments]);
-  const int64_t chunks = num_chunks(n, /*min_chunk=*/1 << 16);
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = num_chunks(n, threads);
   if (chunks == 0) return;
   // carry[k] = A_true at hi_k (meaningful only when a segment crosses hi_k).
   std::vector<double> carry(chunks, 0.0);
   if (chunks > 1) {
     std::vector<double> head(chunks, 0.0);   // a_k
     std::vector<double> factor(chunks, 0.0); // c^(hi-lo) if one segment spans the chunk, else 0
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-    for (int64_t k = 1; k < chunks; ++k) {
+    parallel_for_chunks(chunks - 1, threads, [&](int64_t j) {
+      const int64_t k = j + 1;
       const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
       const int64_t b = segment_of(a.cu, a.num_segments, lo);
       const int64_t seg_end = static_cast<int64_t>(a.cu[b + 1]);
       head[k] = scan_piece<false>(a, b, lo, std::min(seg_end, hi), 0.0);
       factor[k] = seg_end > hi ? std::pow(a.decay, static_cast<double>(hi - lo)) : 0.0;
-    }
+    });
     for (int64_t k = chunks - 1; k >= 1; --k) carry[k - 1] = head[k] + factor[k] * carry[k];
   }
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     int64_t b = segment_of(a.cu, a.num_segments, hi - 1);
     double c = carry[k];
@@ -122,7 +126,7 @@ void scan_kernel(const ScanArgs<scalar_t, out_t, index_t>& a) {
       if (p0 < p1) scan_piece<true>(a, b, p0, p1, c);
       c = 0.0;  // only the last segment of the chunk can continue past hi
     }
-  }
+  });
 }
 
 // Shared driver: values undefined -> discounted returns (then `want_returns` is false).

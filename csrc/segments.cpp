@@ -13,7 +13,9 @@
 namespace steppo_fast {
 namespace {
 
-constexpr int64_t kMinChunk = 1 << 16;  // entries per chunk below which threads do not pay off
+// Entries of the flat axis from which a kernel runs on num_threads() threads (below: one
+// thread, a plain loop). Crossover measured with bench/bench_threads.py (bench/README.md).
+constexpr int64_t kParallelMin = 1 << 16;
 constexpr int64_t kBlock = 16;          // broadcast store block (one 64-byte line of fp32)
 constexpr int64_t kShort = 64;          // segments up to this length are written as one block
 
@@ -24,7 +26,8 @@ void segment_sum_kernel(const scalar_t* x,    // [A] values to reduce
                         bool mean,            // divide by the segment length
                         out_t* out) {         // [S] result
   const int64_t n = static_cast<int64_t>(cu[num_segments]);
-  const int64_t chunks = num_chunks(n, kMinChunk);
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = num_chunks(n, threads);
   // First and last segment touched by each chunk, with the chunk's partial sums of them.
   std::vector<int64_t> first_seg(chunks), last_seg(chunks);
   std::vector<double> first_sum(chunks, 0.0), last_sum(chunks, 0.0);
@@ -33,8 +36,7 @@ void segment_sum_kernel(const scalar_t* x,    // [A] values to reduce
     for (int64_t i = p0; i < p1; ++i) acc += static_cast<double>(x[i]);
     return acc;
   };
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     // chunk 0 and the last chunk also own the empty segments before/after all entries
     const int64_t b0 = k == 0 ? 0 : segment_of(cu, num_segments, lo);
@@ -53,7 +55,7 @@ void segment_sum_kernel(const scalar_t* x,    // [A] values to reduce
         out[b] = static_cast<out_t>(mean ? (len > 0 ? s / static_cast<double>(len) : 0.0) : s);
       }
     }
-  }
+  });
   // Boundary segments: add up their partials (serial, 2 per chunk).
   std::vector<std::pair<int64_t, double>> parts;
   parts.reserve(2 * chunks);
@@ -78,9 +80,9 @@ void segment_broadcast_kernel(const scalar_t* y,    // [S] one value per segment
                               bool divide_by_len,   // write y[s] / len(s) (mean's backward)
                               out_t* out) {         // [A] result
   const int64_t n = static_cast<int64_t>(cu[num_segments]);
-  const int64_t chunks = num_chunks(n, kMinChunk);
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = num_chunks(n, threads);
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     const int64_t b1 = segment_of(cu, num_segments, hi - 1);
     for (int64_t b = segment_of(cu, num_segments, lo); b <= b1; ++b) {
@@ -103,7 +105,7 @@ void segment_broadcast_kernel(const scalar_t* y,    // [S] one value per segment
       }
       for (; i < p1; ++i) out[i] = v;  // last entries of the chunk
     }
-  }
+  });
 }
 
 at::Tensor segment_reduce(const at::Tensor& x, const at::Tensor& cu, bool mean) {

@@ -18,7 +18,13 @@
 namespace steppo_fast {
 namespace {
 
-constexpr int64_t kMinChunk = 1 << 16;  // entries per chunk (fits in L2 for the second pass)
+constexpr int64_t kChunk = 1 << 16;  // entries per chunk (fits in L2 for the second pass)
+// Entries from which a pass runs on num_threads() threads (below: one thread, a plain
+// loop). Crossover measured with bench/bench_threads.py (bench/README.md).
+constexpr int64_t kParallelMin = 1 << 16;
+
+// Cache-sized chunks, whatever the thread count (a dynamic schedule shares them out).
+inline int64_t cache_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 struct Moments {
   double count = 0.0;  // counted entries
@@ -59,10 +65,10 @@ struct PositiveWeight {
 
 template <typename scalar_t, typename Mask>
 Stats whiten_stats(const scalar_t* x, Mask counted, int64_t n, double eps) {
-  const int64_t chunks = num_chunks(n, kMinChunk);
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = cache_chunks(n);
   std::vector<Moments> part(std::max<int64_t>(chunks, 1));
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     // local two-pass moments: the second pass reads the chunk from cache
     const double count = lane_sum(lo, hi, [&](int64_t i) { return counted(i) ? 1.0 : 0.0; });
@@ -74,7 +80,7 @@ Stats whiten_stats(const scalar_t* x, Mask counted, int64_t n, double eps) {
       return counted(i) ? d * d : 0.0;
     });
     part[k] = Moments{count, mean, m2};
-  }
+  });
   Moments all;
   for (int64_t k = 0; k < chunks; ++k) all.merge(part[k]);
   Stats st{all.count, all.mean, 0.0, 1.0};
@@ -89,30 +95,30 @@ Stats whiten_stats(const scalar_t* x, Mask counted, int64_t n, double eps) {
 template <typename scalar_t, typename out_t>
 void whiten_apply(const scalar_t* x, int64_t n, const Stats& st, out_t* y) {
   const double inv = 1.0 / st.scale;
-  const int64_t chunks = num_chunks(n, kMinChunk);
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = cache_chunks(n);
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     for (int64_t i = lo; i < hi; ++i) {
       y[i] = static_cast<out_t>((static_cast<double>(x[i]) - st.mean) * inv);
     }
-  }
+  });
 }
 
 template <typename scalar_t, typename Mask, typename out_t>
 void whiten_grad(const out_t* g, const scalar_t* x, Mask counted, int64_t n, const Stats& st,
                  out_t* dx) {
-  const int64_t chunks = num_chunks(n, kMinChunk);
+  const int threads = region_threads(n, kParallelMin);
+  const int64_t chunks = cache_chunks(n);
   // Reductions G, P, C (see the header comment), in double.
   std::vector<double> G(std::max<int64_t>(chunks, 1)), P(G.size()), C(G.size());
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     auto centred = [&](int64_t i) { return static_cast<double>(x[i]) - st.mean; };
     G[k] = lane_sum(lo, hi, [&](int64_t i) { return static_cast<double>(g[i]); });
     P[k] = lane_sum(lo, hi, [&](int64_t i) { return static_cast<double>(g[i]) * centred(i); });
     C[k] = lane_sum(lo, hi, [&](int64_t i) { return counted(i) ? centred(i) : 0.0; });
-  }
+  });
   double sum_g = 0.0, sum_gc = 0.0, sum_c = 0.0;
   for (int64_t k = 0; k < chunks; ++k) {
     sum_g += G[k];
@@ -124,8 +130,7 @@ void whiten_grad(const out_t* g, const scalar_t* x, Mask counted, int64_t n, con
                         ? sum_gc / (st.scale * st.scale * st.std * (st.count - 1.0))
                         : 0.0;
   const double mean_term = (sum_g * inv - kk * sum_c) / std::max(st.count, 1.0);
-#pragma omp parallel for if (chunks > 1) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t k = 0; k < chunks; ++k) {
+  parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     for (int64_t i = lo; i < hi; ++i) {
       const double ci = static_cast<double>(x[i]) - st.mean;
@@ -133,7 +138,7 @@ void whiten_grad(const out_t* g, const scalar_t* x, Mask counted, int64_t n, con
       if (counted(i)) d -= kk * ci + mean_term;
       dx[i] = static_cast<out_t>(d);
     }
-  }
+  });
 }
 
 // Call fn(mask) with the mask of counted entries: AllCounted without weight, else

@@ -1,4 +1,4 @@
-"""C++/OpenMP CPU backend (``impl="cpp"``): thin wrappers over ``torch.ops.steppo_fast.*``.
+"""C++ CPU backend (``impl="cpp"``): thin wrappers over ``torch.ops.steppo_fast.*``.
 
 The kernels live in ``csrc/`` and are built by ``setup.py`` into ``steppo_fast._C`` (importing
 it registers the ops). This module registers, for each op, a fake (meta) kernel so the ops
@@ -16,6 +16,11 @@ Differentiable: ``discounted_returns`` (rewards, last_values), ``segment_sum``,
 reference, which differentiates everything). ``step_gae`` has no gradient (as the reference).
 Not implemented here (``impl="auto"`` uses the reference): ``gigpo_advantages``,
 ``kl_penalty``, ``value_loss``, ``linear_logprobs``.
+
+Threads: the kernels follow ``torch.get_num_threads()`` unless :func:`set_num_threads` (or the
+:func:`num_threads` context manager) says otherwise, and use more than one thread only on
+inputs large enough to gain from it. On a machine whose cores are busy with other work, use
+``set_num_threads(1)``: a parallel region waits for every thread to be scheduled.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.steppo_fast.*)
+from ._cpu_threads import (  # noqa: F401  (public: the thread-count knob)
+    get_num_threads,
+    num_threads,
+    set_num_threads,
+    thread_setting,
+)
 from ._validate import compute_dtype
 from .reference.loss import PackedStats
 

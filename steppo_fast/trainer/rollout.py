@@ -12,6 +12,13 @@ All episodes of a call advance together, one environment step at a time:
 3. the action text goes to the env; finished episodes leave the batch (their cache rows are
    dropped with ``DynamicCache.batch_select_indices``).
 
+The cache is a transformers ``DynamicCache`` handed to the model under the name its
+``forward`` declares: ``cache`` (recent 5.x releases such as 5.25, where ``past_key_values``
+is deprecated until its removal in 5.40) or ``past_key_values`` (earlier releases such as 5.10,
+which silently ignore a ``cache=`` argument), so no release warns or decodes without its cache.
+A wrapper whose ``forward`` only takes ``**kwargs`` gets ``past_key_values`` (works everywhere
+before 5.40, with the deprecation warning on new releases).
+
 Rows share one cache whose columns hold each row's real tokens plus pad columns; a 2-D
 ``attention_mask`` (1 = real token) hides the pads and explicit ``position_ids`` count real
 tokens only, so each row computes exactly what it would alone (tested against the packed
@@ -42,6 +49,7 @@ per row or per token.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,6 +112,18 @@ def action_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.action_text(ids)
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``"cache"`` where it
+    declares one (transformers renamed ``past_key_values``, deprecated until its removal in
+    5.40), else ``"past_key_values"`` (older releases, or a forward that only takes
+    ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _Cache:
     """KV cache + padding mask over the live rows."""
 
@@ -112,6 +132,7 @@ class _Cache:
 
         self.model, self.pad_id, self.device = model, pad_id, device
         self.kv = DynamicCache(config=model.config)
+        self.kv_keyword = cache_keyword(model)
         self.mask = None  # [B, L] long on the device, 1 = real token
         self.calls = 0
 
@@ -140,8 +161,8 @@ class _Cache:
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=pos,
-            past_key_values=self.kv,
             use_cache=True,
+            **{self.kv_keyword: self.kv},
         )
         self.calls += 1
         return out.logits[torch.arange(len(rows), device=self.device), last]
