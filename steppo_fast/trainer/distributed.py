@@ -46,9 +46,9 @@ import torch.distributed as dist
 
 from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
+from .checkpoint import has_checkpoint, write_checkpoint
 from .config import TrainConfig, resolve_device
 from .loop import (
-    CHECKPOINT,
     Trainer,
     episode_stats,
     mean_ref_kl,
@@ -214,18 +214,18 @@ class DistributedTrainer(Trainer):
 
         load_full_optimizer_state(self.optimizer, state)
 
-    def load_model_states(self, state: dict) -> None:
+    def load_model_states(self, state: dict, path: str = "checkpoint.pt") -> None:
         if self.sharded is None:
-            return super().load_model_states(state)
-        self.sharded.load_full(state)
+            return super().load_model_states(state, path)
+        self.sharded.load_full(state, path)
 
     # ------------------------------------------------------------------ run directory
-    def prepare_run_dir(self) -> None:
+    def prepare_run_dir(self, log=print) -> None:
         if self.is_main:
-            super().prepare_run_dir()
+            super().prepare_run_dir(log)
         self.comm.barrier()
-        if not self.is_main and self.cfg.resume:
-            self.load_checkpoint(self.path(CHECKPOINT))
+        if not self.is_main and self.cfg.resume and has_checkpoint(self.out):
+            self.load_checkpoint(warn=lambda m: None)  # the same file rank 0 chose
 
     def save_checkpoint(self) -> None:
         states = [None] * self.comm.world
@@ -234,14 +234,11 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             state["sample_gen_ranks"] = [s for _, s in states]
             state["sample_gen_rank_devices"] = [d for d, _ in states]
-            from .runfiles import atomic_torch_save
-
-            atomic_torch_save(state, self.path(CHECKPOINT))
+            write_checkpoint(state, self.out)
         self.comm.barrier()
 
-    def load_checkpoint(self, path: str) -> None:
-        super().load_checkpoint(path)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def restore(self, state: dict, path: str) -> None:
+        super().restore(state, path)
         saved, rank = state.get("sample_gen_ranks"), self.comm.rank
         fresh = self.cfg.seed + 1_000_003 * rank + self.iteration  # a stream per (iteration, rank)
         if saved and rank < len(saved):
