@@ -37,6 +37,16 @@ _STRUCTURE = ("algo", "model", "critic")
 _TINY_STRUCTURE = ("arch", "hidden_size", "num_layers", "num_heads")
 
 
+# what torch's weights-only unpickler says when a file names a global outside its allow-list
+# (a function to call or a class to build): the file is refused, never "damaged"
+_REFUSED = (
+    "Unsupported global",
+    "whose module",
+    "Trying to call reduce",
+    "Can only create new object",
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and the cause.
     ``corrupt`` is True for damage (empty, torn, checksum mismatch), where the previous
@@ -93,7 +103,7 @@ def write_checkpoint(state: dict, run_dir: str) -> str:
     # renames leaves checkpoint.prev.pt only, which read_run_checkpoint then uses; a crash
     # before leaves a .tmp-* file that clean_orphans removes
     staged = os.path.join(run_dir, TMP_PREFIX + "staged-" + CHECKPOINT)
-    atomic_write(staged, lambda f: torch.save(state, f))
+    atomic_write(staged, lambda f: torch.save(state, f), label=path)
     try:
         if os.path.isfile(path):
             os.replace(path, prev)
@@ -116,12 +126,15 @@ def read_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        if any(m in str(e) for m in _REFUSED):
             raise CheckpointError(
                 f"{path}: refused: it holds Python objects other than tensors and plain values "
                 "(loading them could run code; nothing was loaded)"
             ) from None
-        raise CheckpointError(f"{path}: unreadable, damaged ({_first(e)})", corrupt=True) from None
+        cause = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: unreadable, truncated or damaged (UnpicklingError: {cause})", corrupt=True
+        ) from None
     except Exception as e:  # torn zip, garbage bytes, a damaged pickle stream: all data damage
         raise CheckpointError(
             f"{path}: unreadable, truncated or damaged ({_first(e)})", corrupt=True

@@ -46,11 +46,11 @@ def _write_failed(path: str, e: OSError) -> RunFileError:
     return err
 
 
-def atomic_write(path: str, write: Callable[[object], None]) -> None:
+def atomic_write(path: str, write: Callable[[object], None], label: str | None = None) -> None:
     """Call ``write(f)`` on a binary file object of a temporary file in ``path``'s directory,
     fsync it, then ``os.replace`` it over ``path``. On any failure the temporary file is
     removed and ``path`` keeps its previous content; an ``OSError`` becomes a
-    :class:`RunFileError` naming ``path``."""
+    :class:`RunFileError` naming ``label`` (default: ``path``)."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -66,7 +66,7 @@ def atomic_write(path: str, write: Callable[[object], None]) -> None:
     except OSError as e:
         if isinstance(e, RunFileError):
             raise
-        raise _write_failed(path, e) from e
+        raise _write_failed(label or path, e) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
