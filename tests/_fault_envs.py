@@ -57,6 +57,8 @@ class Faulty:
 
     def step(self, action):
         self.t += 1
+        if self.t > 10 * self.max_steps:  # a test that would hang fails instead
+            raise RuntimeError("test guard: the episode was never cut")
         ended = self.end_after is not None and self.t >= self.end_after
         return (
             self._get("obs", "door 1 is red ."),

@@ -196,7 +196,12 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(
     cap = capsys.readouterr()
     assert message in cap.err and f"using {run_dir / PREVIOUS} (iteration 1)" in cap.err
     assert "iteration 1," in cap.out
-    # without the previous checkpoint: one line naming the file and the cause
+    # the previous checkpoint damaged too: one line naming both files and their causes
+    open(run_dir / PREVIOUS, "wb").close()
+    err = one_line(capsys, ["eval", str(run_dir)])
+    assert str(run_dir / CHECKPOINT) in err and message in err
+    assert f"the previous one is unusable too: {run_dir / PREVIOUS}: the file is empty" in err
+    # no previous checkpoint: one line naming the file and the cause
     os.unlink(run_dir / PREVIOUS)
     err = one_line(capsys, ["eval", str(run_dir)])
     assert str(run_dir / CHECKPOINT) in err and message in err
