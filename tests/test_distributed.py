@@ -121,6 +121,14 @@ def test_checkpoint_of_two_ranks_resumes_under_one(two_ranks):
     assert [r["iter"] for r in rows] == [1, 2]
 
 
+def test_a_run_folder_refused_by_rank_0_fails_on_every_rank(two_ranks):
+    """Rank 0 refuses to overwrite a run: rank 1 raises too (it would otherwise wait in the
+    next collective forever)."""
+    _, ranks, _ = two_ranks
+    assert "already holds a run; pass --resume" in ranks[0]["refused"]
+    assert ranks[1]["refused"].startswith("rank 0 failed: --out: ")
+
+
 def test_meta_copy_copies_no_data_and_keeps_ties():
     """The FSDP inference copy is built as a meta skeleton (no second full copy at setup)."""
     from transformers import AutoModelForCausalLM, Qwen2Config

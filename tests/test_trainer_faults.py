@@ -300,6 +300,27 @@ def test_full_disk_on_any_run_file_names_it(tmp_path, monkeypatch):
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
+def test_a_real_enospc_from_the_kernel_is_named(done_run, tmp_path, monkeypatch):
+    """The checkpoint bytes go to /dev/full (every write fails with ENOSPC, from the kernel, as
+    on a full disk): one error naming checkpoint.pt; both earlier checkpoints unchanged."""
+    run_dir = copy_run(done_run[0], tmp_path / "run")
+    before = {n: (run_dir / n).read_bytes() for n in (CHECKPOINT, PREVIOUS)}
+    state = read_checkpoint(str(run_dir / CHECKPOINT))
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(RunFileError, match=f"{run_dir / CHECKPOINT}: .*disk is full") as e:
+        write_checkpoint(state, str(run_dir))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert {n: (run_dir / n).read_bytes() for n in before} == before
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+
+
 # ----------------------------------------------------------------------------- stopped early
 def test_killed_before_the_first_checkpoint_restarts_or_resumes(tmp_path, capsys):
     out = tmp_path / "run"
@@ -367,3 +388,8 @@ def test_resume_with_fewer_iters_than_done_is_an_error(done_run, tmp_path, capsy
     assert (run_dir / "config.yaml").read_bytes() == before
     # equal: nothing to train, the run is left as it was
     assert main(["train", "--resume", "--out", str(run_dir), "--iters", "2"]) == 0
+
+
+def test_evaluate_zero_episodes_is_an_error_not_the_default(done_run):
+    with pytest.raises(ValueError, match="episodes: must be an integer >= 1, got 0"):
+        done_run[1].evaluate(episodes=0)

@@ -114,6 +114,24 @@ class Comm:
     def barrier(self) -> None:
         dist.barrier()
 
+    def together(self, fn) -> None:
+        """Run ``fn()`` on every rank; if it raises on any rank, raise on every rank (the
+        rank's own exception, or a ``RuntimeError`` quoting the first failing rank's), so no
+        rank waits forever in a collective for one that failed. Synchronises like a barrier
+        (the error texts travel between the ranks of this job, never from a file)."""
+        error = None
+        try:
+            fn()
+        except Exception as e:
+            error = e
+        texts = [None] * self.world
+        dist.all_gather_object(texts, None if error is None else f"{error}")
+        if error is not None:
+            raise error
+        failed = next(((r, t) for r, t in enumerate(texts) if t is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"rank {failed[0]} failed: {failed[1]}")
+
     def close(self) -> None:
         """Leave the process group (end of a run)."""
         dist.barrier()
@@ -221,11 +239,18 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ run directory
     def prepare_run_dir(self, log=print) -> None:
+        """Rank 0 prepares the folder (and loads a checkpoint), then the other ranks load the
+        same checkpoint; a failure on any rank is raised on every rank (never a hang)."""
         if self.is_main:
-            super().prepare_run_dir(log)
-        self.comm.barrier()
-        if not self.is_main and self.cfg.resume and has_checkpoint(self.out):
-            self.load_checkpoint(warn=lambda m: None)  # the same file rank 0 chose
+            self.comm.together(lambda: super(DistributedTrainer, self).prepare_run_dir(log))
+        else:
+            self.comm.together(lambda: None)
+
+        def load() -> None:
+            if not self.is_main and self.cfg.resume and has_checkpoint(self.out):
+                self.load_checkpoint(warn=lambda m: None)  # the same file rank 0 chose
+
+        self.comm.together(load)
 
     def save_checkpoint(self) -> None:
         states = [None] * self.comm.world

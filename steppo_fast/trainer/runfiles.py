@@ -99,12 +99,12 @@ def replace_dir(final: str, write: Callable[[str], None]) -> None:
         os.replace(tmp, final)
         if os.path.isdir(old):
             shutil.rmtree(old)
-    except OSError as e:
+    except BaseException as e:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, RunFileError):
-            raise
-        raise _write_failed(final + "/", e) from e
+        if isinstance(e, OSError) and not isinstance(e, RunFileError):
+            raise _write_failed(final + "/", e) from e
+        raise
 
 
 def clean_orphans(run_dir: str) -> list[str]:
