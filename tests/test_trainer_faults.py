@@ -237,6 +237,9 @@ def test_corrupt_checkpoint_resume_falls_back_and_equals_the_uninterrupted_run(t
     resumed.train(log=lines.append)
     assert any("checksum mismatch" in x and PREVIOUS in x for x in lines), lines
     assert resumed.iteration == 3 and same_weights(straight, resumed)
+    # the damaged file was set aside, not rotated over the good previous checkpoint
+    assert (tmp_path / "b" / "checkpoint.damaged.pt").exists()
+    assert read_checkpoint(str(tmp_path / "b" / PREVIOUS))["iteration"] == 2
 
 
 def test_foreign_and_mismatched_checkpoints_are_named(done_run, tmp_path):

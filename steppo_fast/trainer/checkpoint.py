@@ -30,6 +30,7 @@ from .runfiles import TMP_PREFIX, RunFileError, atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+DAMAGED = "checkpoint.damaged.pt"  # a damaged checkpoint.pt set aside by a resume
 FORMAT = "steppo_fast.checkpoint"
 VERSION = 1
 # fields of the config that fix the shapes and the set of models in a checkpoint

@@ -5,6 +5,12 @@ Precedence (lowest first): the dataclass defaults, the algorithm's defaults
 :func:`add_arguments` derives one ``--flag`` per field from the dataclass, so every field can be
 set from the command line (``--clip-low 0.1``; booleans as ``--grammar`` / ``--no-grammar``).
 
+Every value is checked when it enters, against its field's row of the field table (the
+dataclass fields declared with :func:`~.fields.knob`: type from the annotation, help text,
+range or choices): YAML keys (errors name ``FILE:LINE: key``), flags (``--flag``) and
+``TrainConfig(...)`` in code (:meth:`TrainConfig.resolved`). A new field is one line, e.g.
+``grad_checkpointing: bool = knob(False, "recompute activations in the backward")``.
+
 The per-algorithm defaults are tuned for the built-in ``doors`` environment and a tiny
 random-init model (large learning rates, wide clips). The StepPO paper's values (LLMs of 1.5B+
 parameters, actor lr 1e-6) are kept beside them in :data:`PAPER_STEPPO` for reference.

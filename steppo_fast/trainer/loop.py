@@ -35,6 +35,7 @@ from ..envs import make_env
 from .algorithms import compute_targets
 from .checkpoint import (
     CHECKPOINT,
+    DAMAGED,
     CheckpointError,
     check_compatible,
     has_checkpoint,
@@ -131,10 +132,11 @@ class Trainer:
 
         Leftovers of a crash (temporary files, an interrupted model export) are cleaned first.
         ``--resume`` loads the newest good checkpoint (``checkpoint.prev.pt`` when
-        ``checkpoint.pt`` is damaged); a run stopped before its first checkpoint starts again
-        from iteration 0, with or without ``--resume``. A folder with a checkpoint needs
-        ``--resume``; ``--iters`` below the iterations done is an error (config.yaml is then
-        left unchanged)."""
+        ``checkpoint.pt`` is damaged; the damaged file is then renamed
+        ``checkpoint.damaged.pt``, kept for inspection and out of the rotation); a run
+        stopped before its first checkpoint starts again from iteration 0, with or without
+        ``--resume``. A folder with a checkpoint needs ``--resume``; ``--iters`` below the
+        iterations done is an error (config.yaml is then left unchanged)."""
         for name in clean_orphans(self.out):
             log(f"note: removed {name} left by an interrupted run in {self.out}")
         started = any(
@@ -145,7 +147,11 @@ class Trainer:
                 raise ValueError(
                     f"--out: {self.out} already holds a run; pass --resume or another --out"
                 )
-            self.load_checkpoint(warn=lambda m: log(f"warning: {m}"))
+            used = self.load_checkpoint(warn=lambda m: log(f"warning: {m}"))
+            if used != self.path(CHECKPOINT) and os.path.exists(self.path(CHECKPOINT)):
+                # set aside, so the next checkpoint does not rotate it over the good one
+                os.replace(self.path(CHECKPOINT), self.path(DAMAGED))
+                log(f"note: the damaged checkpoint is kept as {self.path(DAMAGED)}")
         elif self.cfg.resume and not started:
             raise ValueError(f"--resume: no checkpoint at {self.path(CHECKPOINT)}")
         elif started:
