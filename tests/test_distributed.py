@@ -34,7 +34,7 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)  # a 1-rank run whose checkpoint the 2 sharded ranks resume
     Trainer(train_cfg(str(out / "single"), iters=1)).train(log=lambda *a: None)
-    single = torch.load(out / "single" / "checkpoint.pt", weights_only=False)
+    single = torch.load(out / "single" / "checkpoint.pt", weights_only=True)
     mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return out, ranks, single

@@ -131,7 +131,7 @@ def test_train_eval_resume_compare(tmp_path, capsys):
     assert main([*args, "--eval-every", "0"]) == 0
     assert "(not evaluated: --eval-every 0)" in capsys.readouterr().out
     first = build_policy(TrainConfig(model=str(out / "model")), default_tokenizer())
-    trained = torch.load(out / "checkpoint.pt", weights_only=False)["policy"]
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["policy"]
     for name, value in first.state_dict().items():
         assert torch.equal(value, trained[name]), name
     cmp_dir = tmp_path / "cmp"

@@ -369,7 +369,7 @@ def test_resume_with_a_generator_state_from_another_device(tmp_path):
     cfg = tiny_cfg(tmp_path, iters=1, checkpoint_every=1)
     Trainer(cfg).train(log=lambda *a: None)
     path = os.path.join(cfg.out, CHECKPOINT)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["sample_gen_device"] == "cpu"
     # a checkpoint written on a GPU: CUDA generator states are 16 bytes (seed, offset)
     state["sample_gen_device"] = "cuda"

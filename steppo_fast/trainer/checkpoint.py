@@ -65,7 +65,8 @@ def _feed(h, obj) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the tensor's own bytes, no copy
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for k, v in obj.items():
