@@ -32,14 +32,14 @@ class KillerEnv(DoorsEnv):
 
 
 class Faulty:
-    """A text env that never ends an episode by itself unless ``end_after`` is set; each of
+    """A text env (no grammar unless given) that never ends an episode by itself unless
+    ``end_after`` is set; each of
     ``obs``, ``reward``, ``terminated``, ``info``, ``key``, ``first`` replaces what it returns
     (a callable is called; an exception instance is raised)."""
 
-    grammar = None
-
-    def __init__(self, name="faulty", max_steps=4, end_after=None, **returns):
+    def __init__(self, name="faulty", max_steps=4, end_after=None, grammar=None, **returns):
         self.name, self.max_steps, self.end_after = name, max_steps, end_after
+        self.grammar = grammar
         self.returns, self.t = returns, 0
 
     def _get(self, what, default):

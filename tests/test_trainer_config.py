@@ -75,6 +75,12 @@ def test_yaml_values_are_checked_naming_file_line_and_key(capsys, tmp_path, text
     assert not out.exists()  # checked before anything is created
 
 
+def test_yaml_that_is_not_utf8_is_named(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"lr: 0.1\nenv: \xff\n")
+    assert f"{path}: not UTF-8 text (byte 13)" in fails(capsys, ["train", "--config", str(path)])
+
+
 def test_yaml_accepts_what_users_mean(tmp_path):
     """``1e-3`` is a float (YAML 1.2; plain PyYAML reads it as a string); an integer in a float
     field becomes a float; ``null`` in an optional field is the algorithm default."""

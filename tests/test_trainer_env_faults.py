@@ -65,6 +65,8 @@ BAD = [
     (dict(reward=None), "step 0.*reward None"),
     (dict(reward=math.nan), "step 0.*reward nan"),
     (dict(reward="1"), "step 0.*reward '1'"),
+    (dict(reward=1e39), "step 0.*reward 1e\\+39, not a finite number \\(within float32"),
+    (dict(grammar="open door"), "grammar must be a Grammar or None, got 'open door'"),
     (dict(obs=None), "step 0.*observation None"),
     (dict(terminated=None), "step 0.*terminated=None"),
     (dict(info=None), "step 0.*info=None"),

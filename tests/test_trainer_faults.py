@@ -261,6 +261,16 @@ def test_foreign_and_mismatched_checkpoints_are_named(done_run, tmp_path):
         with pytest.raises(CheckpointError, match=f"{path}: written by a run|{path}: holds") as e:
             Trainer(cfg(run_dir, resume=True, **change)).train(log=quiet)
         assert message in str(e.value)
+    # a checkpoint of an earlier steppo_fast (no format tag, no checksum): used, with a warning
+    legacy = {
+        k: v
+        for k, v in read_checkpoint(str(path)).items()
+        if k not in ("format", "version", "checksum")
+    }
+    torch.save(legacy, path)
+    with pytest.warns(UserWarning, match="earlier steppo_fast without a checksum"):
+        assert read_checkpoint(str(path))["iteration"] == 1
+    write_checkpoint(legacy, str(run_dir))
     # weights that do not fit although the config says they should: named, one line
     state = read_checkpoint(str(path))
     state["policy"].pop(next(iter(state["policy"])))
@@ -381,6 +391,24 @@ def test_leftovers_of_a_killed_export_never_block_later_exports(done_run, tmp_pa
     Trainer(cfg(run_dir, iters=4, resume=True)).train(log=quiet)
     assert (run_dir / "model" / "config.json").exists()
     assert not (run_dir / "model.old").exists() and not (run_dir / "model.tmp").exists()
+
+
+def test_killed_between_the_checkpoint_renames_resumes_from_the_previous(done_run, tmp_path):
+    """Only checkpoint.prev.pt left (a kill after ``checkpoint.pt -> checkpoint.prev.pt``):
+    --resume uses it and says why."""
+    run_dir = copy_run(done_run[0], tmp_path / "run")
+    os.unlink(run_dir / CHECKPOINT)
+    lines = []
+    t = Trainer(cfg(run_dir, iters=3, resume=True))
+    t.train(log=lines.append)
+    assert any("checkpoint.pt: no such file" in x and "(iteration 1)" in x for x in lines), lines
+    assert t.iteration == 3 and [r["iter"] for r in t.rows] == [1, 2, 3]
+
+
+def test_out_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    err = one_line(capsys, ["train", "--out", str(tmp_path / "f"), "--env", "doors1f", *ARGS])
+    assert f"--out: {tmp_path / 'f'} is a file, not a run directory" in err
 
 
 def test_resume_with_fewer_iters_than_done_is_an_error(done_run, tmp_path, capsys):

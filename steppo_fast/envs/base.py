@@ -18,15 +18,16 @@ Rules every built-in environment follows (and tests check):
 
 Where episodes are played, environments are called through :func:`checked_reset`,
 :func:`checked_step` and :func:`checked_state_key`: an environment that raises, or returns
-``None`` / a non-string observation, a reward that is not a finite number, a non-boolean end
-flag, a non-dict info or an unhashable / ``None`` state key, is an :class:`EnvError` naming the
+``None`` / a non-string observation, a reward that is not a finite number within float32's
+range, a non-boolean end flag, a non-dict info, an unhashable / ``None`` state key, a
+``max_steps`` that is not an integer >= 1 or a ``grammar`` that is not a ``Grammar`` / ``None``,
+is an :class:`EnvError` naming the
 environment, the episode's seed and the step. An episode the environment does not end within
 its ``max_steps`` is cut there (truncated) by the caller, so a rollout never hangs.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import random
 from collections.abc import Callable, Mapping
@@ -56,6 +57,9 @@ class Env(Protocol):
         ...
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class EnvError(RuntimeError):
     """An environment crashed or broke the :class:`Env` protocol (the message names the
     environment, the seed and the step)."""
@@ -66,10 +70,14 @@ def env_name(env) -> str:
 
 
 def checked_max_steps(env) -> int:
-    """``env.max_steps``, which must be an integer >= 1 (:class:`EnvError` otherwise)."""
+    """``env.max_steps``, which must be an integer >= 1, checked with the ``grammar``
+    attribute (a :class:`Grammar` or ``None``); :class:`EnvError` otherwise."""
     m = getattr(env, "max_steps", None)
     if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
         raise EnvError(f"env {env_name(env)!r}: max_steps must be an integer >= 1, got {m!r}")
+    grammar = getattr(env, "grammar", "missing")
+    if grammar is not None and not isinstance(grammar, Grammar):
+        raise EnvError(f"env {env_name(env)!r}: grammar must be a Grammar or None, got {grammar!r}")
     return int(m)
 
 
@@ -132,10 +140,11 @@ def checked_step(env, action: str, *, seed: int, step: int):
     if (
         isinstance(reward, bool)
         or not isinstance(reward, numbers.Real)
-        or not math.isfinite(float(reward))
+        or not abs(float(reward)) <= FLOAT32_MAX  # (NaN fails too)
     ):
         raise EnvError(
-            f"env {name!r}: step() {where} returned the reward {reward!r}, not a finite number"
+            f"env {name!r}: step() {where} returned the reward {reward!r}, not a finite number "
+            "(within float32's range: rewards are float32 in a StepBatch)"
         )
     for label, flag in (("terminated", terminated), ("truncated", truncated)):
         if not _is_flag(flag):

@@ -217,8 +217,11 @@ def read_yaml_mapping(path: str) -> tuple[dict, dict[str, int]]:
     Malformed YAML, a top-level value that is not a mapping, a non-string key and a key given
     twice (plain PyYAML keeps the last silently) are :class:`ConfigError` naming the file and
     line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

@@ -137,6 +137,8 @@ class Trainer:
         stopped before its first checkpoint starts again from iteration 0, with or without
         ``--resume``. A folder with a checkpoint needs ``--resume``; ``--iters`` below the
         iterations done is an error (config.yaml is then left unchanged)."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out: {self.out} is a file, not a run directory")
         for name in clean_orphans(self.out):
             log(f"note: removed {name} left by an interrupted run in {self.out}")
         started = any(
