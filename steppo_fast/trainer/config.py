@@ -43,6 +43,7 @@ ALGOS = ("steppo", "ppo", "grpo", "gigpo", "gspo")
 CRITIC_ALGOS = ("steppo", "ppo")
 IMPLS = ("auto", "torch", "triton", "cpp")
 SHARDS = ("fsdp", "none")
+SEEDS = 1 << 16  # run seeds 0 .. SEEDS-1 own disjoint training tasks (loop.train_seed)
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -109,7 +110,12 @@ class TrainConfig:
         text="not empty",
     )
     iters: int = knob(50, "training iterations (rollout + update)", ge=1)
-    seed: int = knob(0, "seeds the model init, sampling and the training tasks", ge=0, lt=2**32)
+    seed: int = knob(
+        0,
+        "seeds the model init, sampling and the training tasks (each seed has its own tasks)",
+        ge=0,
+        lt=SEEDS,
+    )
     out: str = knob("", 'run directory; "" = runs/<env>-<algo>-s<seed>')
     resume: bool = knob(False, "continue from <out>/checkpoint.pt")
     threads: int = knob(1, "torch CPU threads (1 is fastest for tiny models)", ge=1)

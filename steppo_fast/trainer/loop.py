@@ -69,7 +69,8 @@ __all__ = [  # (CHECKPOINT, episode_stats, ... are imported from here by other m
 
 def train_seed(run_seed: int, iteration: int, group: int, groups: int) -> int:
     """Task seed of ``group`` at ``iteration``: always < 2**40 = ``EVAL_SEED_BASE``, so never a
-    held-out seed; each run seed owns its own block of 2**24 task seeds."""
+    held-out seed; each run seed (< 2**16, the range ``--seed`` accepts) owns its own block of
+    2**24 task seeds."""
     return (run_seed % (1 << 16)) * (1 << 24) + (iteration * groups + group) % (1 << 24)
 
 
