@@ -137,6 +137,12 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(done_run, tmp_path, caps
     assert not marker.exists()
 
 
+def test_a_state_that_would_not_load_back_is_never_written(tmp_path):
+    with pytest.raises(TypeError, match="device is not a tensor or plain value"):
+        write_checkpoint({"iteration": 1, "where": torch.device("cpu")}, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 def test_no_unrestricted_load_in_the_package():
     root = os.path.join(os.path.dirname(__file__), "..", "steppo_fast")
     for dirpath, _, names in os.walk(root):

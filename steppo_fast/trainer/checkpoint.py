@@ -96,7 +96,9 @@ def write_checkpoint(state: dict, run_dir: str) -> str:
     """Write ``state`` (tensors and plain containers) as ``run_dir/checkpoint.pt`` with
     format, version and checksum; the checkpoint it replaces becomes ``checkpoint.prev.pt``.
     A failed write (e.g. a full disk) raises :class:`~.runfiles.RunFileError` and leaves both
-    earlier checkpoints as they were. Returns the path written."""
+    earlier checkpoints as they were. Any other Python object in ``state`` is a ``TypeError``
+    before anything is written (it could not be read back with ``weights_only=True``).
+    Returns the path written."""
     state = {"format": FORMAT, "version": VERSION, **state}
     state.pop("checksum", None)
     state["checksum"] = checksum(state)

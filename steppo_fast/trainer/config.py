@@ -107,7 +107,7 @@ class TrainConfig:
         "tiny",
         '"tiny" (random init from a config) or a local HF model directory',
         check=bool,
-        text="not empty",
+        text="a non-empty string",
     )
     iters: int = knob(50, "training iterations (rollout + update)", ge=1)
     seed: int = knob(
