@@ -18,6 +18,7 @@ and exits with status 2 (a usage error).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -98,10 +99,15 @@ def knob(default, help: str, **rule):
     return field(default=default, metadata=meta)
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls, name: str) -> tuple[type, bool]:
     """``(python type, optional?)`` of field ``name`` of dataclass ``cls`` (annotations may be
     strings: resolved with ``typing.get_type_hints``)."""
-    tp = typing.get_type_hints(cls)[name]
+    tp = _hints(cls)[name]
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         return next(a for a in args if a is not type(None)), True
