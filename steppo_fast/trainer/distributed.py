@@ -241,10 +241,8 @@ class DistributedTrainer(Trainer):
     def prepare_run_dir(self, log=print) -> None:
         """Rank 0 prepares the folder (and loads a checkpoint), then the other ranks load the
         same checkpoint; a failure on any rank is raised on every rank (never a hang)."""
-        if self.is_main:
-            self.comm.together(lambda: super(DistributedTrainer, self).prepare_run_dir(log))
-        else:
-            self.comm.together(lambda: None)
+        prepare = super().prepare_run_dir
+        self.comm.together(lambda: prepare(log) if self.is_main else None)
 
         def load() -> None:
             if not self.is_main and self.cfg.resume and has_checkpoint(self.out):
@@ -259,8 +257,8 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             state["sample_gen_ranks"] = [s for _, s in states]
             state["sample_gen_rank_devices"] = [d for d, _ in states]
-            write_checkpoint(state, self.out)
-        self.comm.barrier()
+        # a failed write (a full disk) on rank 0 stops every rank
+        self.comm.together(lambda: write_checkpoint(state, self.out) if self.is_main else None)
 
     def restore(self, state: dict, path: str) -> None:
         super().restore(state, path)
@@ -273,9 +271,8 @@ class DistributedTrainer(Trainer):
             self.sample_gen.manual_seed(fresh)
 
     def export_model(self) -> None:
-        if self.is_main:
-            super().export_model()
-        self.comm.barrier()
+        export = super().export_model
+        self.comm.together(lambda: export() if self.is_main else None)
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict:
