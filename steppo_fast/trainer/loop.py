@@ -150,7 +150,7 @@ class Trainer:
                 raise ValueError(
                     f"--out: {self.out} already holds a run; pass --resume or another --out"
                 )
-            used = self.load_checkpoint(warn=lambda m: log(f"warning: {m}"))
+            used = self.load_checkpoint(warn=lambda m: log(f"warning: {m}"), training=True)
             if used != self.path(CHECKPOINT) and os.path.exists(self.path(CHECKPOINT)):
                 # set aside, so the next checkpoint does not rotate it over the good one
                 os.replace(self.path(CHECKPOINT), self.path(DAMAGED))
@@ -186,10 +186,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         write_checkpoint(self.state(), self.out)
 
-    def load_checkpoint(self, path: str | None = None, warn=None) -> str:
+    def load_checkpoint(self, path: str | None = None, warn=None, training: bool = False) -> str:
         """Restore the run's newest good checkpoint (see :mod:`.checkpoint`), checked against
         this run's models. ``path``: the run directory's checkpoint file or the directory
-        (default: this run's). Returns the file used."""
+        (default: this run's). ``training``: the run continues, so ``cfg.iters`` must be at
+        least the iterations done. Returns the file used."""
         run_dir = (
             self.out
             if path is None
@@ -198,7 +199,7 @@ class Trainer:
         state, used = read_run_checkpoint(run_dir, warn)
         check_compatible(state, self.cfg.to_dict(), used)
         done = state["iteration"]
-        if self.cfg.iters < done:
+        if training and self.cfg.iters < done:
             raise ConfigError(
                 f"--iters: {self.cfg.iters} is fewer than the {done} iterations {run_dir} has "
                 f"done; give --iters {done} or more (the run is left unchanged)"
