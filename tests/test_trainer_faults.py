@@ -105,7 +105,7 @@ def copy_run(src, dst):
     return dst
 
 
-# ----------------------------------------------------------------------------- item 9: no code
+# ------------------------------------------------------------------ checkpoints run no code
 class _Payload:
     """Unpickling this calls ``os.system`` (what a crafted checkpoint does)."""
 
