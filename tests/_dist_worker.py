@@ -205,5 +205,10 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     results["resumed"] = {k: state[k] for k in ("policy", "critic", "optimizer", "iteration")}
     resumed.train()
     results["resumed_rows"] = resumed.rows
+    # a run folder rank 0 refuses (a run is there, no --resume): every rank raises, none hangs
+    try:
+        DistributedTrainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm).train()
+    except (ValueError, RuntimeError) as e:
+        results["refused"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     comm.close()

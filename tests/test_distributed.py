@@ -34,7 +34,7 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)  # a 1-rank run whose checkpoint the 2 sharded ranks resume
     Trainer(train_cfg(str(out / "single"), iters=1)).train(log=lambda *a: None)
-    single = torch.load(out / "single" / "checkpoint.pt", weights_only=False)
+    single = torch.load(out / "single" / "checkpoint.pt", weights_only=True)
     mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return out, ranks, single
@@ -119,6 +119,14 @@ def test_checkpoint_of_two_ranks_resumes_under_one(two_ranks):
     torch.testing.assert_close(flat_params(trainer.models), ranks[0]["trained"], atol=0, rtol=0)
     rows = trainer.train(log=lambda *a: None)
     assert [r["iter"] for r in rows] == [1, 2]
+
+
+def test_a_run_folder_refused_by_rank_0_fails_on_every_rank(two_ranks):
+    """Rank 0 refuses to overwrite a run: rank 1 raises too (it would otherwise wait in the
+    next collective forever)."""
+    _, ranks, _ = two_ranks
+    assert "already holds a run; pass --resume" in ranks[0]["refused"]
+    assert ranks[1]["refused"].startswith("rank 0 failed: --out: ")
 
 
 def test_meta_copy_copies_no_data_and_keeps_ties():

@@ -26,6 +26,7 @@ from test_trainer_hf import model_dir  # noqa: F401 (fixture: a tiny BPE model d
 
 from steppo_fast.envs import default_tokenizer, make_env
 from steppo_fast.trainer import distributed
+from steppo_fast.trainer.checkpoint import write_checkpoint
 from steppo_fast.trainer.config import TrainConfig, resolve_device
 from steppo_fast.trainer.loop import CHECKPOINT, Trainer
 from steppo_fast.trainer.rollout import rollout
@@ -368,12 +369,12 @@ def test_resume_with_a_generator_state_from_another_device(tmp_path):
     cfg = tiny_cfg(tmp_path, iters=1, checkpoint_every=1)
     Trainer(cfg).train(log=lambda *a: None)
     path = os.path.join(cfg.out, CHECKPOINT)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["sample_gen_device"] == "cpu"
     # a checkpoint written on a GPU: CUDA generator states are 16 bytes (seed, offset)
     state["sample_gen_device"] = "cuda"
     state["sample_gen"] = torch.zeros(16, dtype=torch.uint8)
-    torch.save(state, path)
+    write_checkpoint(state, cfg.out)  # (a new checksum)
     runs = []
     for _ in range(2):  # deterministic: two resumes of the same checkpoint agree
         resumed = Trainer(dataclasses.replace(cfg, iters=2, resume=True))
@@ -381,5 +382,5 @@ def test_resume_with_a_generator_state_from_another_device(tmp_path):
             rows = resumed.train(log=lambda *a: None)
         assert [r["iter"] for r in rows] == [1, 2]
         runs.append({k: v for k, v in rows[-1].items() if not k.endswith("_s")})
-        torch.save(state, path)  # the same checkpoint again for the second resume
+        write_checkpoint(state, cfg.out)  # the same checkpoint again for the second resume
     assert runs[0] == runs[1]

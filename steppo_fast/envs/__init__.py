@@ -9,7 +9,19 @@ Both speak text (see :class:`Env`), declare an action :class:`Grammar` for const
 decoding, and use the shipped word-level vocabulary (:func:`default_tokenizer`).
 """
 
-from .base import Env, env_names, make_env, random_policy_success_rate, register, run_random_episode
+from .base import (
+    Env,
+    EnvError,
+    checked_max_steps,
+    checked_reset,
+    checked_state_key,
+    checked_step,
+    env_names,
+    make_env,
+    random_policy_success_rate,
+    register,
+    run_random_episode,
+)
 from .doors import DoorsEnv
 from .grammar import Grammar
 from .quest import QuestEnv
@@ -18,6 +30,11 @@ from .tokenizer import WordTokenizer, default_tokenizer
 __all__ = [
     "DoorsEnv",
     "Env",
+    "EnvError",
+    "checked_max_steps",
+    "checked_reset",
+    "checked_state_key",
+    "checked_step",
     "Grammar",
     "QuestEnv",
     "WordTokenizer",

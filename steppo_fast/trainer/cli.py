@@ -8,9 +8,11 @@
     steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 3] [--env quest] [--iters N]
                    [--out DIR] [--<any TrainConfig field> ...]
 
-Errors a user can cause (a bad flag or value, a missing model path or run directory, an
-environment that raises) print one line ``steppo: error: ...`` and exit with status 2 (argparse
-usage errors) or 1, never a traceback; ``STEPPO_DEBUG=1`` shows the traceback.
+Errors a user can cause print one line ``steppo: error: ...``, never a traceback
+(``STEPPO_DEBUG=1`` shows it): status 2 for a bad command line or config (a flag, a YAML key or
+line, a value out of its field's range: :class:`~.fields.ConfigError`), status 1 for what goes
+wrong while running (a missing model path or run directory, an environment that raises or
+misbehaves, an unusable checkpoint, a full disk).
 """
 
 from __future__ import annotations
@@ -20,6 +22,23 @@ import os
 import sys
 
 from .config import ALGOS, TrainConfig, add_arguments, config_from_args
+from .fields import ConfigError
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (else a usage error naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,16 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out seeds")
     ev.add_argument("run_dir", metavar="RUN_DIR")
-    ev.add_argument("--episodes", type=int, default=200, help="held-out episodes (default: 200)")
+    ev.add_argument(
+        "--episodes", type=_count(1), default=200, help="held-out episodes, >= 1 (default: 200)"
+    )
     ev.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    ev.add_argument("--show", type=int, default=1, help="print this many episode transcripts")
+    ev.add_argument("--show", type=_count(0), default=1, help="print this many episode transcripts")
     ev.add_argument(
         "--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)"
     )
 
     cmp_ = sub.add_parser("compare", help="run several algorithms on identical seeds and budgets")
     cmp_.add_argument("--algos", default="steppo,ppo,grpo,gigpo", help="comma-separated algorithms")
-    cmp_.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
+    cmp_.add_argument("--seeds", type=_count(1), default=3, help="seeds 0..N-1 (default: 3)")
     cmp_.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig fields")
     add_arguments(cmp_, skip=("algo", "out", "resume", "seed"))
     cmp_.add_argument("--out", default="", help="directory (default: runs/compare-<env>)")
@@ -91,7 +112,7 @@ def _resume_config(args, cfg: TrainConfig) -> TrainConfig:
     run_dir = cfg.out or TrainConfig(**{**cfg.to_dict(), "out": ""}).resolved().out
     saved = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(saved):
-        raise ValueError(f"--resume: no run at {run_dir} (missing config.yaml)")
+        raise ConfigError(f"--resume: no run at {run_dir} (missing config.yaml)")
     base = TrainConfig.from_yaml(saved)
     given = {k: v for k, v in vars(args).items() if k in cfg.to_dict()}
     return TrainConfig.from_dict({**given, "resume": True, "out": run_dir}, base)
@@ -116,9 +137,7 @@ def _cmd_compare(args) -> int:
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     bad = [a for a in algos if a not in ALGOS]
     if bad or not algos:
-        raise ValueError(f"--algos: {','.join(bad) or '(empty)'} not in {', '.join(ALGOS)}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
+        raise ConfigError(f"--algos: {','.join(bad) or '(empty)'} not in {', '.join(ALGOS)}")
     base = config_from_args(args)
     if "env" not in vars(args) and not getattr(args, "config", None):
         base.env = "quest"
@@ -139,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line for users; STEPPO_DEBUG=1 for the traceback
         if os.environ.get("STEPPO_DEBUG") == "1":
             raise
-        kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        from ..envs import EnvError
+        from .runfiles import RunFileError
+
+        plain = isinstance(e, (ValueError, EnvError, RunFileError))
+        kind = "" if plain else f"{type(e).__name__}: "
         print(f"steppo: error: {kind}{e}".splitlines()[0], file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,19 +16,11 @@ import math
 import os
 import platform
 
-import torch
-
+from .checkpoint import checkpoint_iteration
 from .config import TrainConfig
-from .loop import CHECKPOINT, Trainer
+from .loop import Trainer
 from .plot import plot_compare
 from .runfiles import atomic_write_text, read_metrics
-
-
-def _finished_iteration(run_dir: str) -> int:
-    path = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.isfile(path):
-        return -1
-    return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
 
 
 def run_compare(base: TrainConfig, algos: list[str], seeds: int, out: str = "") -> str:
@@ -39,10 +31,7 @@ def run_compare(base: TrainConfig, algos: list[str], seeds: int, out: str = "") 
     for algo in algos:
         for seed in range(seeds):
             run_dir = os.path.join(out, f"{algo}-s{seed}")
-            done = _finished_iteration(run_dir)
-            stale = os.path.join(run_dir, "metrics.jsonl")
-            if done < 0 and os.path.isfile(stale):  # crashed before its first checkpoint
-                os.unlink(stale)
+            done = checkpoint_iteration(run_dir)  # -1: none yet (the run starts again)
             cfg = dataclasses.replace(base, algo=algo, seed=seed, out=run_dir, resume=done >= 0)
             if done < cfg.iters:
                 print(f"compare: {algo} seed {seed} -> {run_dir}")

@@ -5,6 +5,12 @@ Precedence (lowest first): the dataclass defaults, the algorithm's defaults
 :func:`add_arguments` derives one ``--flag`` per field from the dataclass, so every field can be
 set from the command line (``--clip-low 0.1``; booleans as ``--grammar`` / ``--no-grammar``).
 
+Every value is checked when it enters, against its field's row of the field table (the
+dataclass fields declared with :func:`~.fields.knob`: type from the annotation, help text,
+range or choices): YAML keys (errors name ``FILE:LINE: key``), flags (``--flag``) and
+``TrainConfig(...)`` in code (:meth:`TrainConfig.resolved`). A new field is one line, e.g.
+``grad_checkpointing: bool = knob(False, "recompute activations in the backward")``.
+
 The per-algorithm defaults are tuned for the built-in ``doors`` environment and a tiny
 random-init model (large learning rates, wide clips). The StepPO paper's values (LLMs of 1.5B+
 parameters, actor lr 1e-6) are kept beside them in :data:`PAPER_STEPPO` for reference.
@@ -16,15 +22,36 @@ import argparse
 import dataclasses
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import yaml
 
+from .fields import (
+    ConfigError,
+    check_fields,
+    check_value,
+    field_type,
+    flag_of,
+    help_of,
+    knob,
+    read_yaml_mapping,
+    rule_of,
+)
+
 ALGOS = ("steppo", "ppo", "grpo", "gigpo", "gspo")
 CRITIC_ALGOS = ("steppo", "ppo")
+IMPLS = ("auto", "torch", "triton", "cpp")
+SHARDS = ("fsdp", "none")
+SEEDS = 1 << 16  # run seeds 0 .. SEEDS-1 own disjoint training tasks (loop.train_seed)
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _env_names() -> list[str]:
+    from ..envs import env_names
+
+    return env_names()
+
 
 # What each algorithm means here (see docs/trainer.md):
 #   steppo: step GAE with a critic read at value_index, whitened over steps, one length-normalised
@@ -67,129 +94,127 @@ PAPER_STEPPO = dict(
 
 @dataclass
 class TrainConfig:
-    """Every knob of ``steppo train`` (CLI flag = field name with dashes)."""
+    """Every knob of ``steppo train`` (CLI flag = field name with dashes).
+
+    Each field is one row of the field table (:func:`~.fields.knob`: type from the annotation,
+    help, range or choices); YAML keys, flags and constructor arguments are checked against it
+    (:meth:`validate`)."""
 
     # --- run
-    algo: str = "steppo"  # steppo | ppo | grpo | gigpo | gspo
-    env: str = "doors"  # a registered environment (steppo_fast.envs.env_names())
-    model: str = "tiny"  # "tiny" (random init from a config) or a local HF model directory
-    iters: int = 50  # training iterations (rollout + update)
-    seed: int = 0  # seeds the model init, sampling and the training tasks
-    out: str = ""  # run directory; "" = runs/<env>-<algo>-s<seed>
-    resume: bool = False  # continue from <out>/checkpoint.pt
-    threads: int = 1  # torch CPU threads (1 is fastest for tiny models on a busy machine)
-    impl: str = "auto"  # backend of the steppo_fast ops: auto | torch | triton | cpp
-    shard: str = "fsdp"  # under torchrun: fsdp (FSDP2 fully_shard) | none (replicated parameters)
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    algo: str = knob("steppo", "algorithm", choices=ALGOS)
+    env: str = knob("doors", "a registered environment", choices=_env_names)
+    model: str = knob(
+        "tiny",
+        '"tiny" (random init from a config) or a local HF model directory',
+        check=bool,
+        text="a non-empty string",
+    )
+    iters: int = knob(50, "training iterations (rollout + update)", ge=1)
+    seed: int = knob(
+        0,
+        "seeds the model init, sampling and the training tasks (each seed has its own tasks)",
+        ge=0,
+        lt=SEEDS,
+    )
+    out: str = knob("", 'run directory; "" = runs/<env>-<algo>-s<seed>')
+    resume: bool = knob(False, "continue from <out>/checkpoint.pt")
+    threads: int = knob(1, "torch CPU threads (1 is fastest for tiny models)", ge=1)
+    impl: str = knob("auto", "backend of the steppo_fast ops", choices=IMPLS)
+    shard: str = knob(
+        "fsdp", "under torchrun: fsdp (FSDP2 fully_shard) | none (replicas)", choices=SHARDS
+    )
+    device: str = knob(
+        "auto",
+        "auto (cuda if available, else cpu) | cpu | cuda | cuda:N",
+        check=lambda s: DEVICE_SPEC.fullmatch(s) is not None,
+        text="auto, cpu, cuda or cuda:N",
+    )
     # --- tiny model (model == "tiny")
-    arch: str = "qwen2"  # qwen2 | llama
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    critic: str = "separate"  # separate (own backbone) | shared (value head on the policy)
+    arch: str = knob("qwen2", "tiny model architecture", choices=("qwen2", "llama"))
+    hidden_size: int = knob(64, "tiny model width", ge=1)
+    num_layers: int = knob(2, "tiny model layers", ge=1)
+    num_heads: int = knob(4, "tiny model attention heads", ge=1)
+    critic: str = knob(
+        "separate",
+        "separate (own backbone) | shared (value head on the policy)",
+        choices=("separate", "shared"),
+    )
     # --- rollout
-    groups: int = 16  # tasks per iteration
-    group_size: int = 4  # episodes per task (GRPO-style groups)
-    temperature: float = 1.0
-    grammar: bool = True  # constrained decoding with the env's action grammar
-    max_action_tokens: int = 6  # cap on free-form actions (no grammar)
-    layout: str = "auto"  # StepBatch layout: auto | merged | rows
-    forward: str = "padded"  # training forward: padded (CPU) | packed (flash-attn varlen on GPU)
+    groups: int = knob(16, "tasks per iteration", ge=1)
+    group_size: int = knob(4, "episodes per task (GRPO-style groups)", ge=1)
+    temperature: float = knob(1.0, "sampling temperature", gt=0)
+    grammar: bool = knob(True, "constrained decoding with the env's action grammar")
+    max_action_tokens: int = knob(6, "cap on free-form actions (no grammar)", ge=1)
+    layout: str = knob("auto", "StepBatch layout", choices=("auto", "merged", "rows"))
+    forward: str = knob(
+        "padded",
+        "training forward: padded (CPU) | packed (flash-attn varlen on GPU)",
+        choices=("padded", "packed"),
+    )
     # --- algorithm (None = the algorithm's default, ALGO_DEFAULTS)
-    ratio_level: str | None = None
-    agg: str | None = None
-    clip_low: float | None = None
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    length_power: float = 1.0
-    gamma: float | None = None
-    lam: float | None = None
-    kl_coef: float = 1e-3
-    kl_type: str = "k3"
-    value_clip: float | None = None
-    vf_coef: float = 0.5  # value loss weight (shared critic only)
+    ratio_level: str | None = knob(
+        None, "ratio per step | token | trajectory", choices=("step", "token", "trajectory")
+    )
+    agg: str | None = knob(
+        None, "loss aggregation", choices=("step-mean", "token-mean", "traj-mean")
+    )
+    clip_low: float | None = knob(None, "PPO clip below 1", ge=0, lt=1)
+    clip_high: float | None = knob(None, "PPO clip above 1", ge=0)
+    dual_clip: float | None = knob(None, "dual clip for negative advantages (none = off)", gt=1)
+    length_power: float = knob(1.0, "step ratio = sum log-ratio / n ** length_power", ge=0)
+    gamma: float | None = knob(None, "discount", ge=0, le=1)
+    lam: float | None = knob(None, "GAE lambda", ge=0, le=1)
+    kl_coef: float = knob(1e-3, "KL-to-reference loss weight (0 = no reference model)", ge=0)
+    kl_type: str = knob("k3", "KL estimator", choices=("k1", "k2", "k3"))
+    value_clip: float | None = knob(None, "value loss clip (none = off)", ge=0)
+    vf_coef: float = knob(0.5, "value loss weight (shared critic only)", ge=0)
     # --- optimisation
-    lr: float = 1e-3
-    critic_lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    epochs: int = 2  # PPO epochs over each batch
-    minibatches: int = 2  # optimizer steps per epoch
-    micro_batch_tokens: int = 8192  # token budget of one forward/backward
+    lr: float = knob(1e-3, "policy learning rate (AdamW)", ge=0)
+    critic_lr: float = knob(1e-3, "critic learning rate (AdamW)", ge=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = knob(1.0, "gradient norm clip (0 = off)", ge=0)
+    epochs: int = knob(2, "PPO epochs over each batch", ge=1)
+    minibatches: int = knob(2, "optimizer steps per epoch", ge=1)
+    micro_batch_tokens: int = knob(8192, "token budget of one forward/backward", ge=1)
     # --- evaluation, logging, checkpoints
-    eval_every: int = 5  # evaluate on held-out seeds every N iterations (0 = never)
-    eval_episodes: int = 64
-    eval_greedy: bool = True
-    checkpoint_every: int = 10
-    progress: bool = True  # tqdm bars
-    plot: bool = True  # redraw curves.png
-    extra: dict = field(default_factory=dict)  # free-form notes saved with the config
+    eval_every: int = knob(5, "evaluate on held-out seeds every N iterations (0 = never)", ge=0)
+    eval_episodes: int = knob(64, "held-out episodes per evaluation", ge=1)
+    eval_greedy: bool = knob(True, "greedy decoding in evaluation")
+    checkpoint_every: int = knob(10, "write checkpoint.pt every N iterations (and the last)", ge=1)
+    progress: bool = knob(True, "tqdm bars")
+    plot: bool = knob(True, "redraw curves.png")
+    extra: dict = knob({}, "free-form notes saved with the config")
 
     # ------------------------------------------------------------------ derived
     def resolved(self) -> TrainConfig:
         """A copy with algorithm defaults filled in and ``out`` set; validated."""
-        self.validate_choices()
         cfg = dataclasses.replace(self)
+        cfg.validate()
         for key, value in ALGO_DEFAULTS[cfg.algo].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if not cfg.out:
             cfg.out = os.path.join("runs", f"{cfg.env}-{cfg.algo}-s{cfg.seed}")
-        cfg.validate_numbers()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ConfigError(
+                f"--hidden-size: must be a multiple of --num-heads ({cfg.num_heads}), "
+                f"got {cfg.hidden_size}"
+            )
         return cfg
 
     @property
     def uses_critic(self) -> bool:
         return self.algo in CRITIC_ALGOS
 
-    def validate_choices(self) -> None:
-        from ..envs import env_names
+    def validate(self) -> None:
+        """Check every field against its rule (type, range, choices; the field table), in
+        place (an integer in a float field becomes a float). :class:`~.fields.ConfigError`
+        naming the ``--flag``."""
+        for f in fields(self):
+            value = check_value(type(self), f.name, getattr(self, f.name), flag_of(f.name))
+            setattr(self, f.name, value)
 
-        checks = {
-            "algo": (self.algo, ALGOS),
-            "env": (self.env, tuple(env_names())),
-            "arch": (self.arch, ("qwen2", "llama")),
-            "impl": (self.impl, ("auto", "torch", "triton", "cpp")),
-            "critic": (self.critic, ("separate", "shared")),
-            "layout": (self.layout, ("auto", "merged", "rows")),
-            "forward": (self.forward, ("padded", "packed")),
-            "shard": (self.shard, ("fsdp", "none")),
-            "kl_type": (self.kl_type, ("k1", "k2", "k3")),
-            "ratio_level": (self.ratio_level, (None, "step", "token", "trajectory")),
-            "agg": (self.agg, (None, "step-mean", "token-mean", "traj-mean")),
-        }
-        for name, (value, choices) in checks.items():
-            if value not in choices:
-                shown = ", ".join(str(c) for c in choices if c is not None)
-                raise ValueError(f"--{name.replace('_', '-')}: {value!r} is not one of {shown}")
-        check_device_spec(self.device)
-
-    def validate_numbers(self) -> None:
-        positive = (
-            "iters",
-            "groups",
-            "group_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "epochs",
-            "minibatches",
-            "micro_batch_tokens",
-            "max_action_tokens",
-            "eval_episodes",
-            "threads",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}"
-                )
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature: must be > 0, got {self.temperature}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError("--hidden-size: must be a multiple of --num-heads")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("--gamma/--lam: must lie in [0, 1]")
+    validate_choices = validate  # the name earlier releases used
 
     # ------------------------------------------------------------------ YAML
     def to_dict(self) -> dict:
@@ -201,34 +226,27 @@ class TrainConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict, base: TrainConfig | None = None) -> TrainConfig:
-        """``base`` (or the defaults) with the keys of ``data`` replaced; unknown keys are an
-        error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {', '.join(unknown)}")
-        return dataclasses.replace(base or cls(), **data)
+    def from_dict(cls, data: dict, base: TrainConfig | None = None, where=flag_of) -> TrainConfig:
+        """``base`` (or the defaults) with the keys of ``data`` replaced, each checked against
+        its field's rule; an unknown key is an error naming it. ``where(key)`` names a key's
+        source in errors (default: its ``--flag``)."""
+        return dataclasses.replace(base or cls(), **check_fields(cls, data, where))
 
     @classmethod
     def from_yaml(cls, path: str, base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (or the defaults) overridden by the mapping in YAML file ``path``; errors
+        name ``path:LINE: key``."""
         if not os.path.isfile(path):
-            raise ValueError(f"--config: no such file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"--config: {path!r} must hold a mapping of field: value")
-        return cls.from_dict(data, base)
+            raise ConfigError(f"--config: no such file {path!r}")
+        data, lines = read_yaml_mapping(path)
+        return cls.from_dict(data, base, where=lambda k: f"{path}:{lines.get(k, '?')}: {k}")
 
 
 # ---------------------------------------------------------------------- devices
-DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
 def check_device_spec(spec: str) -> None:
     """``ValueError`` naming ``--device`` unless ``spec`` is auto, cpu, cuda or cuda:N."""
     if not isinstance(spec, str) or not DEVICE_SPEC.fullmatch(spec):
-        raise ValueError(f"--device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"--device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -266,16 +284,6 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 
 # ---------------------------------------------------------------------- CLI flags
-def _field_type(f: dataclasses.Field):
-    """(python type, optional?) of a dataclass field (annotations are strings here)."""
-    hints = typing.get_type_hints(TrainConfig)
-    tp = hints[f.name]
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return tp, False
-
-
 def _parse_optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "null") else kind(text)
@@ -285,33 +293,36 @@ def _parse_optional(kind):
 
 
 def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field; every default is ``argparse.SUPPRESS`` so only given flags appear
-    in the namespace (they then override the YAML file and the defaults)."""
+    """One flag per field, its help from the field table; every default is
+    ``argparse.SUPPRESS`` so only given flags appear in the namespace (they then override the
+    YAML file and the defaults; :func:`config_from_args` checks them)."""
     for f in fields(TrainConfig):
         if f.name in skip or f.name == "extra":
             continue
-        kind, optional = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        kind, optional = field_type(TrainConfig, f.name)
+        default = "algo default" if f.default is None else f.default
+        rule = rule_of(f).describe() if not callable(rule_of(f).choices) else ""
+        text = "; ".join(x for x in (help_of(f), rule, f"default: {default}") if x)
         if kind is bool:
             parser.add_argument(
-                flag,
+                flag_of(f.name),
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"(default: {default})",
+                help=text,
             )
         else:
             parser.add_argument(
-                flag,
+                flag_of(f.name),
                 type=_parse_optional(kind) if optional else kind,
                 default=argparse.SUPPRESS,
                 metavar=kind.__name__.upper(),
-                help=f"(default: {'algo default' if default is None else default})",
+                help=text.replace("%", "%%"),
             )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- YAML (``args.config`` when set) <- the flags present in ``args``."""
+    """Defaults <- YAML (``args.config`` when set) <- the flags present in ``args``, every
+    value checked against its field's rule."""
     cfg = TrainConfig()
     if getattr(args, "config", None):
         cfg = TrainConfig.from_yaml(args.config, cfg)

@@ -46,9 +46,9 @@ import torch.distributed as dist
 
 from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
+from .checkpoint import has_checkpoint, write_checkpoint
 from .config import TrainConfig, resolve_device
 from .loop import (
-    CHECKPOINT,
     Trainer,
     episode_stats,
     mean_ref_kl,
@@ -113,6 +113,24 @@ class Comm:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def together(self, fn) -> None:
+        """Run ``fn()`` on every rank; if it raises on any rank, raise on every rank (the
+        rank's own exception, or a ``RuntimeError`` quoting the first failing rank's), so no
+        rank waits forever in a collective for one that failed. Synchronises like a barrier
+        (the error texts travel between the ranks of this job, never from a file)."""
+        error = None
+        try:
+            fn()
+        except Exception as e:
+            error = e
+        texts = [None] * self.world
+        dist.all_gather_object(texts, None if error is None else f"{error}")
+        if error is not None:
+            raise error
+        failed = next(((r, t) for r, t in enumerate(texts) if t is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"rank {failed[0]} failed: {failed[1]}")
 
     def close(self) -> None:
         """Leave the process group (end of a run)."""
@@ -214,18 +232,23 @@ class DistributedTrainer(Trainer):
 
         load_full_optimizer_state(self.optimizer, state)
 
-    def load_model_states(self, state: dict) -> None:
+    def load_model_states(self, state: dict, path: str = "checkpoint.pt") -> None:
         if self.sharded is None:
-            return super().load_model_states(state)
-        self.sharded.load_full(state)
+            return super().load_model_states(state, path)
+        self.sharded.load_full(state, path)
 
     # ------------------------------------------------------------------ run directory
-    def prepare_run_dir(self) -> None:
-        if self.is_main:
-            super().prepare_run_dir()
-        self.comm.barrier()
-        if not self.is_main and self.cfg.resume:
-            self.load_checkpoint(self.path(CHECKPOINT))
+    def prepare_run_dir(self, log=print) -> None:
+        """Rank 0 prepares the folder (and loads a checkpoint), then the other ranks load the
+        same checkpoint; a failure on any rank is raised on every rank (never a hang)."""
+        prepare = super().prepare_run_dir
+        self.comm.together(lambda: prepare(log) if self.is_main else None)
+
+        def load() -> None:
+            if not self.is_main and self.cfg.resume and has_checkpoint(self.out):
+                self.load_checkpoint(warn=lambda m: None)  # the same file rank 0 chose
+
+        self.comm.together(load)
 
     def save_checkpoint(self) -> None:
         states = [None] * self.comm.world
@@ -234,14 +257,11 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             state["sample_gen_ranks"] = [s for _, s in states]
             state["sample_gen_rank_devices"] = [d for d, _ in states]
-            from .runfiles import atomic_torch_save
+        # a failed write (a full disk) on rank 0 stops every rank
+        self.comm.together(lambda: write_checkpoint(state, self.out) if self.is_main else None)
 
-            atomic_torch_save(state, self.path(CHECKPOINT))
-        self.comm.barrier()
-
-    def load_checkpoint(self, path: str) -> None:
-        super().load_checkpoint(path)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def restore(self, state: dict, path: str) -> None:
+        super().restore(state, path)
         saved, rank = state.get("sample_gen_ranks"), self.comm.rank
         fresh = self.cfg.seed + 1_000_003 * rank + self.iteration  # a stream per (iteration, rank)
         if saved and rank < len(saved):
@@ -251,9 +271,8 @@ class DistributedTrainer(Trainer):
             self.sample_gen.manual_seed(fresh)
 
     def export_model(self) -> None:
-        if self.is_main:
-            super().export_model()
-        self.comm.barrier()
+        export = super().export_model
+        self.comm.together(lambda: export() if self.is_main else None)
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict:

@@ -6,23 +6,26 @@ training (the word tokenizer for ``tiny``, the model directory's own tokenizer o
 from __future__ import annotations
 
 import os
+import sys
 
+from .checkpoint import CHECKPOINT, has_checkpoint
 from .config import TrainConfig
-from .loop import CHECKPOINT, EVAL_SEED_BASE, Trainer
+from .loop import EVAL_SEED_BASE, Trainer
 
 
-def load_run(run_dir: str, **overrides) -> Trainer:
-    """A Trainer rebuilt from ``run_dir/config.yaml`` with the checkpoint's weights."""
-    cfg_path, ckpt = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, CHECKPOINT)
-    for path in (cfg_path, ckpt):
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"RUN_DIR: {run_dir!r} has no {os.path.basename(path)} (not a finished run?)"
-            )
+def load_run(run_dir: str, warn=None, **overrides) -> Trainer:
+    """A Trainer rebuilt from ``run_dir/config.yaml`` with the weights of the run's newest good
+    checkpoint (``checkpoint.prev.pt`` when ``checkpoint.pt`` is damaged: ``warn(message)``
+    says so). The checkpoint is read as data only: it never runs code."""
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"RUN_DIR: {run_dir!r} has no config.yaml (not a run directory?)")
+    if not has_checkpoint(run_dir):
+        raise ValueError(f"RUN_DIR: {run_dir!r} has no {CHECKPOINT} (not a finished run?)")
     cfg = TrainConfig.from_yaml(cfg_path)
     cfg = TrainConfig.from_dict({**overrides, "out": run_dir, "resume": True}, cfg)
     trainer = Trainer(cfg)
-    trainer.load_checkpoint(ckpt)
+    trainer.load_checkpoint(warn=warn)
     return trainer
 
 
@@ -36,8 +39,13 @@ def evaluate_run(
 ) -> dict:
     """Print and return held-out success rate, mean return and episode length. ``device``
     overrides the run's ``--device`` (e.g. ``"cpu"`` for a run trained on a GPU)."""
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"--episodes: must be an integer >= 1, got {episodes!r}")
     overrides = {"progress": False} if device is None else {"progress": False, "device": device}
-    trainer = load_run(run_dir, **overrides)
+    if isinstance(show, bool) or not isinstance(show, int) or show < 0:
+        raise ValueError(f"--show: must be an integer >= 0, got {show!r}")
+    warn = lambda m: print(f"warning: {m}", file=sys.stderr)
+    trainer = load_run(run_dir, warn=warn, **overrides)
     cfg = trainer.cfg
     seeds = [EVAL_SEED_BASE + k for k in range(episodes)]
     import torch

@@ -209,12 +209,13 @@ class ShardedModels:
             full.copy_(shard.full_tensor() if isinstance(shard, DTensor) else shard)
 
     @torch.no_grad()
-    def load_full(self, state: dict) -> None:
-        """Load full ``policy`` / ``critic`` / ``reference`` state dicts (a checkpoint) into the
-        inference copy and this rank's shards (local slicing, no communication)."""
+    def load_full(self, state: dict, path: str = "checkpoint.pt") -> None:
+        """Load full ``policy`` / ``critic`` / ``reference`` state dicts (a checkpoint read from
+        ``path``) into the inference copy and this rank's shards (local slicing, no
+        communication)."""
         from .loop import load_states
 
-        load_states(self.inference, state)
+        load_states(self.inference, state, path)
         for shard, full in self.pairs():
             if isinstance(shard, DTensor):
                 local = distribute_tensor(

@@ -26,45 +26,51 @@ import copy
 import os
 import random
 import time
-import warnings
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import StepBatch, kl_penalty
+from .. import StepBatch
 from ..envs import make_env
 from .algorithms import compute_targets
+from .checkpoint import (
+    CHECKPOINT,
+    DAMAGED,
+    CheckpointError,
+    check_compatible,
+    has_checkpoint,
+    load_into,
+    read_run_checkpoint,
+    restore_generator,
+    write_checkpoint,
+)
 from .config import TrainConfig, resolve_device
+from .fields import ConfigError
 from .plot import plot_run
 from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
-from .runfiles import atomic_torch_save, read_metrics, write_metrics
+from .rows import episode_stats, mean_ref_kl, summary_line, update_fields
+from .runfiles import clean_orphans, read_metrics, replace_dir, write_metrics
 from .update import ForwardOut, Models, forward, ppo_update, reference_logprobs
 
 EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
-CHECKPOINT = "checkpoint.pt"
-
-
-def update_fields(stats: dict, wall_s: float, t0: float, t1: float, t2: float) -> dict:
-    """The timing and update-stat fields of one metrics row: the iteration ran rollout
-    ``[t0, t1)`` and update ``[t1, t2)`` (perf_counter seconds); ``stats`` from ``ppo_update``."""
-    return dict(
-        wall_s=round(wall_s, 3),
-        iter_s=round(t2 - t0, 3),
-        rollout_s=round(t1 - t0, 3),
-        update_s=round(t2 - t1, 3),
-        policy_loss=stats.get("policy_loss", 0.0),
-        value_loss=stats.get("value_loss"),
-        clip_frac=stats.get("clip_frac", 0.0),
-        kl=stats.get("approx_kl", 0.0),
-        entropy=stats.get("entropy", 0.0),
-        grad_norm=stats.get("grad_norm"),
-    )
+__all__ = [  # (CHECKPOINT, episode_stats, ... are imported from here by other modules)
+    "CHECKPOINT",
+    "EVAL_SEED_BASE",
+    "Trainer",
+    "episode_stats",
+    "mean_ref_kl",
+    "restore_generator",
+    "summary_line",
+    "train_seed",
+    "update_fields",
+]
 
 
 def train_seed(run_seed: int, iteration: int, group: int, groups: int) -> int:
     """Task seed of ``group`` at ``iteration``: always < 2**40 = ``EVAL_SEED_BASE``, so never a
-    held-out seed; each run seed owns its own block of 2**24 task seeds."""
+    held-out seed; each run seed (< 2**16, the range ``--seed`` accepts) owns its own block of
+    2**24 task seeds."""
     return (run_seed % (1 << 16)) * (1 << 24) + (iteration * groups + group) % (1 << 24)
 
 
@@ -122,21 +128,45 @@ class Trainer:
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
-    def prepare_run_dir(self) -> None:
-        """Create the run directory (or resume from it); refuse to overwrite a run silently."""
-        ckpt = self.path(CHECKPOINT)
-        if self.cfg.resume:
-            if not os.path.isfile(ckpt):
-                raise ValueError(f"--resume: no checkpoint at {ckpt}")
-            self.load_checkpoint(ckpt)
-        elif os.path.exists(ckpt) or os.path.exists(self.path("metrics.jsonl")):
-            raise ValueError(
-                f"--out: {self.out} already holds a run; pass --resume or another --out"
+    def prepare_run_dir(self, log=print) -> None:
+        """Create the run directory, or continue the run in it; never overwrite a run silently.
+
+        Leftovers of a crash (temporary files, an interrupted model export) are cleaned first.
+        ``--resume`` loads the newest good checkpoint (``checkpoint.prev.pt`` when
+        ``checkpoint.pt`` is damaged; the damaged file is then renamed
+        ``checkpoint.damaged.pt``, kept for inspection and out of the rotation); a run
+        stopped before its first checkpoint starts again from iteration 0, with or without
+        ``--resume``. A folder with a checkpoint needs ``--resume``; ``--iters`` below the
+        iterations done is an error (config.yaml is then left unchanged)."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out: {self.out} is a file, not a run directory")
+        for name in clean_orphans(self.out):
+            log(f"note: removed {name} left by an interrupted run in {self.out}")
+        started = any(
+            os.path.exists(self.path(n)) for n in ("config.yaml", "metrics.jsonl", "model")
+        )
+        if has_checkpoint(self.out):
+            if not self.cfg.resume:
+                raise ValueError(
+                    f"--out: {self.out} already holds a run; pass --resume or another --out"
+                )
+            used = self.load_checkpoint(warn=lambda m: log(f"warning: {m}"), training=True)
+            if used != self.path(CHECKPOINT) and os.path.exists(self.path(CHECKPOINT)):
+                # set aside, so the next checkpoint does not rotate it over the good one
+                os.replace(self.path(CHECKPOINT), self.path(DAMAGED))
+                log(f"note: the damaged checkpoint is kept as {self.path(DAMAGED)}")
+        elif self.cfg.resume and not started:
+            raise ValueError(f"--resume: no checkpoint at {self.path(CHECKPOINT)}")
+        elif started:
+            log(
+                f"note: {self.out} holds a run stopped before its first checkpoint; "
+                "starting it again from iteration 0"
             )
         os.makedirs(self.out, exist_ok=True)
         self.cfg.save_yaml(self.path("config.yaml"))
 
     def state(self) -> dict:
+        """Everything a resume needs, as tensors and plain containers (the checkpoint)."""
         m = self.inference_models()
         return {
             "iteration": self.iteration,
@@ -149,17 +179,41 @@ class Trainer:
             "sample_gen_device": self.sample_gen.device.type,
             "shuffle_gen": self.shuffle_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
+            "python_rng": random.getstate(),  # (version, tuple of 625 ints, gauss or None)
             "config": self.cfg.to_dict(),
         }
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self.state(), self.path(CHECKPOINT))
+        write_checkpoint(self.state(), self.out)
 
-    def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.load_model_states(state)
-        self.load_optimizer_state(state["optimizer"])
+    def load_checkpoint(self, path: str | None = None, warn=None, training: bool = False) -> str:
+        """Restore the run's newest good checkpoint (see :mod:`.checkpoint`), checked against
+        this run's models. ``path``: the run directory's checkpoint file or the directory
+        (default: this run's). ``training``: the run continues, so ``cfg.iters`` must be at
+        least the iterations done. Returns the file used."""
+        run_dir = (
+            self.out
+            if path is None
+            else (path if os.path.isdir(path) else os.path.dirname(path) or ".")
+        )
+        state, used = read_run_checkpoint(run_dir, warn)
+        check_compatible(state, self.cfg.to_dict(), used)
+        done = state["iteration"]
+        if training and self.cfg.iters < done:
+            raise ConfigError(
+                f"--iters: {self.cfg.iters} is fewer than the {done} iterations {run_dir} has "
+                f"done; give --iters {done} or more (the run is left unchanged)"
+            )
+        self.restore(state, used)
+        return used
+
+    def restore(self, state: dict, path: str) -> None:
+        """Load a verified checkpoint ``state`` (read from ``path``) into this trainer."""
+        self.load_model_states(state, path)
+        try:
+            self.load_optimizer_state(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
         self.iteration = state["iteration"]
         restore_generator(
             self.sample_gen,
@@ -169,7 +223,8 @@ class Trainer:
         )
         self.shuffle_gen.set_state(state["shuffle_gen"])
         torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
         self.wall_offset = state["wall_s"]
         self.rows = [
             r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= self.iteration
@@ -183,25 +238,21 @@ class Trainer:
         """Load an optimizer ``state_dict`` written by :meth:`optimizer_state`."""
         self.optimizer.load_state_dict(state)
 
-    def load_model_states(self, state: dict) -> None:
+    def load_model_states(self, state: dict, path: str = CHECKPOINT) -> None:
         """Load the ``policy`` / ``critic`` / ``reference`` state dicts of a checkpoint."""
-        load_states(self.models, state)
+        load_states(self.models, state, path)
 
     def export_model(self) -> None:
-        """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``)."""
-        final, tmp = self.path("model"), self.path("model.tmp")
-        self.inference_models().policy.save_pretrained(tmp)
-        if hasattr(self.tokenizer, "save_pretrained"):  # a model tokenizer travels with it
-            self.tokenizer.save_pretrained(tmp)
-        if os.path.isdir(final):
-            old = self.path("model.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            for name in os.listdir(old):
-                os.unlink(os.path.join(old, name))
-            os.rmdir(old)
-        else:
-            os.replace(tmp, final)
+        """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``),
+        through ``model.tmp`` and a swap (:func:`~.runfiles.replace_dir`)."""
+        policy = self.inference_models().policy
+
+        def write(tmp: str) -> None:
+            policy.save_pretrained(tmp)
+            if hasattr(self.tokenizer, "save_pretrained"):  # a model tokenizer travels with it
+                self.tokenizer.save_pretrained(tmp)
+
+        replace_dir(self.path("model"), write)
 
     # ------------------------------------------------------------------ rollouts
     def wall_s(self) -> float:
@@ -230,7 +281,9 @@ class Trainer:
 
     def evaluate(self, episodes: int | None = None, greedy: bool | None = None) -> dict:
         """Success rate, mean return and episode length on the held-out seeds."""
-        n = episodes or self.cfg.eval_episodes
+        n = self.cfg.eval_episodes if episodes is None else episodes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"episodes: must be an integer >= 1, got {n!r}")
         greedy = self.cfg.eval_greedy if greedy is None else greedy
         seeds = [EVAL_SEED_BASE + k for k in range(n)]
         # eval never touches the training RNGs
@@ -307,7 +360,7 @@ class Trainer:
         cfg = self.cfg
         if not self.is_main:
             log = _silent
-        self.prepare_run_dir()
+        self.prepare_run_dir(log)
         self._t_start = time.perf_counter()
         if self.iteration == 0 and cfg.eval_every:
             row0 = {"iter": 0, "wall_s": 0.0}
@@ -341,71 +394,15 @@ class Trainer:
         return self.rows
 
 
-def load_states(models: Models, state: dict) -> None:
-    """Load a checkpoint's ``policy`` / ``critic`` / ``reference`` state dicts into ``models``."""
-    models.policy.load_state_dict(state["policy"])
+def load_states(models: Models, state: dict, path: str = CHECKPOINT) -> None:
+    """Load a checkpoint's ``policy`` / ``critic`` / ``reference`` state dicts into ``models``
+    (a mismatch is a ``CheckpointError`` naming ``path``)."""
+    load_into(models.policy, state.get("policy"), path, "policy")
     if models.critic is not None:
-        models.critic.load_state_dict(state["critic"])
+        load_into(models.critic, state.get("critic"), path, "critic")
     if models.reference is not None:
-        models.reference.load_state_dict(state["reference"])
-
-
-def restore_generator(
-    gen: torch.Generator, saved: torch.Tensor, saved_device_type: str, *, reseed: int
-) -> bool:
-    """Restore a checkpointed generator state into ``gen``; True when restored exactly.
-
-    CPU and CUDA generator states are both uint8 tensors but of different layouts, so a state
-    saved on another device type cannot be set: ``gen`` is then seeded with ``reseed`` instead
-    (deterministic, but not the stream of an uninterrupted run) and a warning is printed."""
-    if saved_device_type == gen.device.type:
-        gen.set_state(saved)
-        return True
-    warnings.warn(
-        f"resume: the sampling generator was saved on {saved_device_type} and this run samples "
-        f"on {gen.device.type}; it is reseeded, so sampling differs from an uninterrupted run",
-        stacklevel=2,
-    )
-    gen.manual_seed(reseed)
-    return False
+        load_into(models.reference, state.get("reference"), path, "reference")
 
 
 def _silent(*args, **kwargs) -> None:
     pass
-
-
-def mean_ref_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> float:
-    """Mean over the action tokens of ``kl_penalty(logp, ref_logp, "k3")`` (the loss's k3,
-    clamped to [-10, 10]); 0.0 without action tokens."""
-    return float(kl_penalty(logp, ref_logp, "k3").mean()) if logp.numel() else 0.0
-
-
-def episode_stats(trajectories: list[dict]) -> dict:
-    n = max(1, len(trajectories))
-    return {
-        "success_rate": sum(t["success"] for t in trajectories) / n,
-        "mean_return": sum(t["return"] for t in trajectories) / n,
-        "episode_len": sum(len(t["steps"]) for t in trajectories) / n,
-    }
-
-
-def summary_line(row: dict, iters: int) -> str:
-    """The one-line per-iteration summary."""
-
-    def f(key, fmt):
-        v = row.get(key)
-        return "-" if v is None else format(v, fmt)
-
-    text = (
-        f"it {row['iter']}/{iters} | succ {f('success_rate', '.2f')} ret {f('mean_return', '.2f')} "
-        f"len {f('episode_len', '.1f')}"
-    )
-    if "eval_success_rate" in row:
-        text += f" | held-out succ {row['eval_success_rate']:.2f}"
-    text += (
-        f" | pol {f('policy_loss', '+.4f')} val {f('value_loss', '.4f')}"
-        f" clip {f('clip_frac', '.3f')} kl {f('kl', '.4f')} ent {f('entropy', '.3f')}"
-        f" | {row['tokens']} tok | {row['iter_s']:.1f}s (roll {row['rollout_s']:.1f}"
-        f" upd {row['update_s']:.1f}) total {row['wall_s']:.0f}s"
-    )
-    return text

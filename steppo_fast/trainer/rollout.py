@@ -50,12 +50,20 @@ per row or per token.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..envs.base import Env
+from ..envs.base import (
+    Env,
+    checked_max_steps,
+    checked_reset,
+    checked_state_key,
+    checked_step,
+    env_name,
+)
 from ..envs.tokenizer import WordTokenizer
 from .masking import SparseMasks, make_grammar_masks, sample_from_allowed, sample_from_logits
 
@@ -205,12 +213,8 @@ def rollout(
     rows: list[_Row] = []
     for seed, group in zip(seeds, groups):
         env = make_env()
-        try:
-            first = env.reset(int(seed))
-        except Exception as e:
-            raise RuntimeError(
-                f"env {getattr(env, 'name', env)!r} crashed in reset(seed={seed}): {e}"
-            ) from e
+        checked_max_steps(env)
+        first = checked_reset(env, int(seed))
         rows.append(_Row(env, int(seed), int(group), prompt_ids(tokenizer, first)))
     device = next(model.parameters()).device
     grammar_masks = None
@@ -220,6 +224,7 @@ def rollout(
     if grammar_masks is not None and not grammar_masks.sparse:
         full = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
     finished: list[_Row] = []
+    cut_short = False  # an episode the env did not end within its max_steps
     cache = _Cache(model, tokenizer.pad_id, device)
     generated = 0
     live = list(rows)
@@ -278,15 +283,12 @@ def rollout(
         n_done = 0
         for i, r in enumerate(live):
             prompt = r.context[: len(r.context) - len(r.action)]
-            anchor_key = r.env.state_key()
+            where = dict(seed=r.seed, step=len(r.steps))
+            anchor_key = checked_state_key(r.env, **where)
             text = action_text(tokenizer, r.action)
-            try:
-                obs, reward, terminated, truncated, info = r.env.step(text)
-            except Exception as e:
-                raise RuntimeError(
-                    f"env {getattr(r.env, 'name', r.env)!r} crashed in step({text!r}) "
-                    f"(seed {r.seed}, step {len(r.steps)}): {e}"
-                ) from e
+            obs, reward, terminated, truncated, info = checked_step(r.env, text, **where)
+            if not (terminated or truncated) and len(r.steps) + 1 >= r.env.max_steps:
+                truncated = cut_short = True  # the env did not end it: never hang
             r.total_reward += float(reward)
             r.steps.append(
                 {
@@ -311,6 +313,12 @@ def rollout(
             if still:
                 cache.keep(still)
             live = [live[i] for i in still]
+    if cut_short:
+        warnings.warn(
+            f"env {env_name(rows[0].env)!r} did not end every episode within its max_steps "
+            f"({rows[0].env.max_steps}); they were cut there (truncated)",
+            stacklevel=2,
+        )
     masks_kind = None if grammar_masks is None else ("sparse" if grammar_masks.sparse else "dense")
     return _collect(rows, masks_kind, generated, cache.calls, device)
 
