@@ -1,4 +1,4 @@
-"""Misbehaving environments for tests/test_trainer_faults.py and tests/test_env_faults.py (a
+"""Misbehaving environments for tests/test_trainer_faults.py and tests/test_trainer_env_faults.py (a
 module of its own so a child ``steppo train`` process can register them too).
 
 - ``killer``: doors (one door, 3 steps) whose process ``kill -9``s itself at the
