@@ -5,9 +5,12 @@
 //   grpo:    y = c / (s + eps)
 //   dr_grpo: y = c
 //   rloo:    y = n / (n - 1) * c          (x minus the mean of the others)
-// and y = 0 for classes of one. Backward per class (n >= 2), G = sum g, P = sum g c, C = sum c:
-//   grpo:    k = P / ((s + eps)^2 s (n - 1)) if s > 0 else 0,
-//            dx_j = g_j / (s + eps) - k c_j - (G / (s + eps) - k C) / n
+// and y = 0 for classes of one; a zero divisor s + eps (equal members, eps = 0) is taken as 1
+// (so y = 0, never NaN). As the reference: in double, about a per-class pivot p (the class's
+// first member): m = p + mean(x - p), c = (x - p) - (m - p), so equal members give c = 0
+// exactly. Backward per class (n >= 2), G = sum g, P = sum g c, C = sum c, d = the divisor:
+//   grpo:    k = P / (d^2 s (n - 1)) if s > 0 else 0,
+//            dx_j = g_j / d - k c_j - (G / d - k C) / n
 //   dr_grpo: dx_j = g_j - G / n;   rloo: dx_j = n / (n - 1) (g_j - G / n).
 //
 // Batches are small (one entry per trajectory), so this runs serially: ids are mapped to dense
@@ -59,24 +62,30 @@ int64_t dense_classes(const id_t* ids, int64_t n, std::vector<int64_t>& cls) {
 }
 
 struct ClassStats {
-  std::vector<double> count, mean, std;  // per class: n, m, s
+  std::vector<double> count, pivot, mean, std;  // per class: n, p, m - p, s
+
+  double centred(double x, int64_t c) const { return (x - pivot[c]) - mean[c]; }
+  // the grpo divisor: s + eps, or 1 where that is 0
+  double divisor(int64_t c, double eps) const { return std[c] + eps > 0.0 ? std[c] + eps : 1.0; }
 };
 
 template <typename scalar_t>
 ClassStats class_stats(const scalar_t* x, const std::vector<int64_t>& cls, int64_t classes) {
   ClassStats st;
   st.count.assign(classes, 0.0);
+  st.pivot.assign(classes, 0.0);
   st.mean.assign(classes, 0.0);
   st.std.assign(classes, 0.0);
   const int64_t n = static_cast<int64_t>(cls.size());
   for (int64_t i = 0; i < n; ++i) {
+    if (st.count[cls[i]] == 0.0) st.pivot[cls[i]] = static_cast<double>(x[i]);
     st.count[cls[i]] += 1.0;
-    st.mean[cls[i]] += static_cast<double>(x[i]);
+    st.mean[cls[i]] += static_cast<double>(x[i]) - st.pivot[cls[i]];
   }
   for (int64_t c = 0; c < classes; ++c) st.mean[c] /= std::max(st.count[c], 1.0);
   std::vector<double> m2(classes, 0.0);
   for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - st.mean[cls[i]];
+    const double d = st.centred(static_cast<double>(x[i]), cls[i]);
     m2[cls[i]] += d * d;
   }
   for (int64_t c = 0; c < classes; ++c) {
@@ -125,10 +134,10 @@ at::Tensor group_advantages(const at::Tensor& scores, const at::Tensor& group,
     for (size_t i = 0; i < cls.size(); ++i) {
       const int64_t c = cls[i];
       const double n = st.count[c];
-      const double centred = static_cast<double>(xp[i]) - st.mean[c];
+      const double centred = st.centred(static_cast<double>(xp[i]), c);
       double v = 0.0;
       if (n >= 2.0) {
-        if (gm == GroupMode::kGrpo) v = centred / (st.std[c] + eps);
+        if (gm == GroupMode::kGrpo) v = centred / st.divisor(c, eps);
         if (gm == GroupMode::kDrGrpo) v = centred;
         if (gm == GroupMode::kRloo) v = centred * n / (n - 1.0);
       }
@@ -158,7 +167,7 @@ at::Tensor group_advantages_backward(const at::Tensor& grad, const at::Tensor& s
     const ClassStats st = class_stats(xp, cls, classes);
     std::vector<double> G(classes, 0.0), P(classes, 0.0), C(classes, 0.0);
     for (size_t i = 0; i < cls.size(); ++i) {
-      const double c = static_cast<double>(xp[i]) - st.mean[cls[i]];
+      const double c = st.centred(static_cast<double>(xp[i]), cls[i]);
       G[cls[i]] += static_cast<double>(gp[i]);
       P[cls[i]] += static_cast<double>(gp[i]) * c;
       C[cls[i]] += c;
@@ -170,10 +179,10 @@ at::Tensor group_advantages_backward(const at::Tensor& grad, const at::Tensor& s
       double v = 0.0;
       if (n >= 2.0) {
         if (gm == GroupMode::kGrpo) {
-          const double scale = st.std[k] + eps;
+          const double scale = st.divisor(k, eps);
           const double kk =
               st.std[k] > 0.0 ? P[k] / (scale * scale * st.std[k] * (n - 1.0)) : 0.0;
-          const double c = static_cast<double>(xp[i]) - st.mean[k];
+          const double c = st.centred(static_cast<double>(xp[i]), k);
           v = gi / scale - kk * c - (G[k] / scale - kk * C[k]) / n;
         } else {
           v = gi - G[k] / n;

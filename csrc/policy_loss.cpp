@@ -20,6 +20,8 @@
 // accumulated in double, per chunk of work items, combined in chunk order.
 #include "common.h"
 
+#include <ATen/ops/scalar_tensor.h>
+
 #include <array>
 
 #include <cmath>
@@ -344,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_policy_loss(
       }
     });
   }
-  auto loss_sum = at::empty({}, logp.options().dtype(odt));
+  at::Tensor loss_sum;
   auto stats = at::empty({kNumStats}, logp.options().dtype(at::kDouble));
   auto grad = empty_output(need_grad ? num_tokens : 0, logp.options().dtype(odt));
   STEPPO_DISPATCH_FLOAT(lp.scalar_type(), "steppo_fast::step_policy_loss", [&] {
@@ -369,7 +371,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_policy_loss(
       };
       double total = 0.0;
       loss_kernel(args, o, total, stats.data_ptr<double>());
-      loss_sum.fill_(total);
+      // rounded like a tensor cast (beyond the fp32 range: +-inf, as an fp32 sum overflows);
+      // fill_ would raise instead. The public op's input bounds keep total in range.
+      loss_sum = at::scalar_tensor(total, logp.options().dtype(at::kDouble)).to(odt);
     });
   });
   return {loss_sum, stats, grad};

@@ -2,7 +2,10 @@
 //
 //   mask_i = weight_i > 0 (all true without weight), n = sum mask,
 //   m = sum_mask x / max(n, 1),  c = x - m,  var = sum_mask c^2 / max(n - 1, 1),
-//   scale = sqrt(var) + eps if n >= 2 else 1,   y = c / scale   (every entry transformed).
+//   scale = sqrt(var) + eps if n >= 2 and sqrt(var) + eps > 0 else 1,
+//   y = c / scale   (every entry transformed; eps = 0 on equal entries gives 0, never NaN).
+// As the reference: in double, about a pivot p (the first counted entry; 0 if none), i.e.
+// m = p + sum_mask (x - p) / n and c = (x - p) - (m - p), so equal entries give c = 0 exactly.
 //
 // Backward (as torch autograd differentiates the reference; sqrt has gradient 0 at var = 0):
 //   G = sum_i g_i, P = sum_i g_i c_i, C = sum_mask c_i, and with k = P / (scale^2 s (n-1))
@@ -48,7 +51,8 @@ struct Moments {
 
 struct Stats {
   double count;  // n
-  double mean;   // m
+  double pivot;  // p: the first counted entry (0 when none)
+  double mean;   // m - p: the mean of the counted (x - p)
   double std;    // s = sqrt(var) (0 when n < 2)
   double scale;  // sqrt(var) + eps if n >= 2 else 1
 };
@@ -65,6 +69,13 @@ struct PositiveWeight {
 
 template <typename scalar_t, typename Mask>
 Stats whiten_stats(const scalar_t* x, Mask counted, int64_t n, double eps) {
+  double pivot = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (counted(i)) {
+      pivot = static_cast<double>(x[i]);
+      break;
+    }
+  }
   const int threads = region_threads(n, kParallelMin);
   const int64_t chunks = cache_chunks(n);
   std::vector<Moments> part(std::max<int64_t>(chunks, 1));
@@ -73,21 +84,21 @@ Stats whiten_stats(const scalar_t* x, Mask counted, int64_t n, double eps) {
     // local two-pass moments: the second pass reads the chunk from cache
     const double count = lane_sum(lo, hi, [&](int64_t i) { return counted(i) ? 1.0 : 0.0; });
     const double sum = lane_sum(
-        lo, hi, [&](int64_t i) { return counted(i) ? static_cast<double>(x[i]) : 0.0; });
+        lo, hi, [&](int64_t i) { return counted(i) ? static_cast<double>(x[i]) - pivot : 0.0; });
     const double mean = count > 0.0 ? sum / count : 0.0;
     const double m2 = lane_sum(lo, hi, [&](int64_t i) {
-      const double d = static_cast<double>(x[i]) - mean;
+      const double d = (static_cast<double>(x[i]) - pivot) - mean;
       return counted(i) ? d * d : 0.0;
     });
     part[k] = Moments{count, mean, m2};
   });
   Moments all;
   for (int64_t k = 0; k < chunks; ++k) all.merge(part[k]);
-  Stats st{all.count, all.mean, 0.0, 1.0};
+  Stats st{all.count, pivot, all.mean, 0.0, 1.0};
   if (all.count >= 2.0) {
     const double var = all.m2 / (all.count - 1.0);
     st.std = var > 0.0 ? std::sqrt(var) : 0.0;
-    st.scale = st.std + eps;
+    st.scale = st.std + eps > 0.0 ? st.std + eps : 1.0;
   }
   return st;
 }
@@ -100,7 +111,7 @@ void whiten_apply(const scalar_t* x, int64_t n, const Stats& st, out_t* y) {
   parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     for (int64_t i = lo; i < hi; ++i) {
-      y[i] = static_cast<out_t>((static_cast<double>(x[i]) - st.mean) * inv);
+      y[i] = static_cast<out_t>(((static_cast<double>(x[i]) - st.pivot) - st.mean) * inv);
     }
   });
 }
@@ -114,7 +125,7 @@ void whiten_grad(const out_t* g, const scalar_t* x, Mask counted, int64_t n, con
   std::vector<double> G(std::max<int64_t>(chunks, 1)), P(G.size()), C(G.size());
   parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
-    auto centred = [&](int64_t i) { return static_cast<double>(x[i]) - st.mean; };
+    auto centred = [&](int64_t i) { return (static_cast<double>(x[i]) - st.pivot) - st.mean; };
     G[k] = lane_sum(lo, hi, [&](int64_t i) { return static_cast<double>(g[i]); });
     P[k] = lane_sum(lo, hi, [&](int64_t i) { return static_cast<double>(g[i]) * centred(i); });
     C[k] = lane_sum(lo, hi, [&](int64_t i) { return counted(i) ? centred(i) : 0.0; });
@@ -133,7 +144,7 @@ void whiten_grad(const out_t* g, const scalar_t* x, Mask counted, int64_t n, con
   parallel_for_chunks(chunks, threads, [&](int64_t k) {
     const int64_t lo = chunk_begin(k, n, chunks), hi = chunk_begin(k + 1, n, chunks);
     for (int64_t i = lo; i < hi; ++i) {
-      const double ci = static_cast<double>(x[i]) - st.mean;
+      const double ci = (static_cast<double>(x[i]) - st.pivot) - st.mean;
       double d = static_cast<double>(g[i]) * inv;
       if (counted(i)) d -= kk * ci + mean_term;
       dx[i] = static_cast<out_t>(d);

@@ -164,6 +164,13 @@ def validate(batch) -> None:
     _check_finite(batch, "rewards")
     _check_finite(batch, "step_weight")
     _check_finite(batch, "rollout_logp")
+    if batch.rollout_logp is not None:
+        i = _first(batch.rollout_logp > 0)
+        if i is not None:
+            raise ValueError(
+                f"rollout_logp[{i}]: must be <= 0 (a log-probability), got "
+                f"{float(batch.rollout_logp[i])}"
+            )
     if batch.step_weight is not None:
         i = _first(batch.step_weight < 0)
         if i is not None:

@@ -25,6 +25,7 @@ O(S + A).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +68,64 @@ def _where(b: int, t: int | None = None) -> str:
     return f"trajectories[{b}]" if t is None else f"trajectories[{b}].steps[{t}]"
 
 
-def _as_list(x, where: str, key: str) -> list:
-    """A list view of a step's sequence field (lists pass through untouched)."""
-    if isinstance(x, (str, bytes)) or not hasattr(x, "__len__"):
-        raise ValueError(f"{where}: {key} must be a sequence of ints, got {type(x).__name__}")
+def _as_list(x, where: str, key: str, what: str = "ints") -> list:
+    """A list view of a step's sequence field (lists pass through untouched): an ordered
+    sequence (list, tuple, range, ...) or a 1-D numpy array / torch tensor of a non-bool dtype.
+    Sets and mappings are refused (no defined order; a dict would give its keys)."""
     tolist = getattr(x, "tolist", None)  # numpy arrays and torch tensors
-    return tolist() if callable(tolist) else list(x)
+    if callable(tolist) and hasattr(x, "dtype") and hasattr(x, "ndim"):
+        if x.ndim != 1:
+            raise ValueError(f"{where}: {key} must be 1-D, got {x.ndim}-D")
+        if str(x.dtype) in ("bool", "torch.bool"):
+            raise ValueError(f"{where}: {key} has dtype bool; expected {what}")
+        return tolist()
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        raise ValueError(
+            f"{where}: {key} must be a sequence of {what} (a list, tuple or 1-D array), "
+            f"got {type(x).__name__}"
+        )
+    return list(x)
+
+
+def _check_no_bool_ids(tokens: np.ndarray, chunk_start: array, chunks: list) -> None:
+    """No token id was given as a bool (a bool is an int to Python, so a mask passed as ids
+    would silently become ids 0/1). A bool can only have produced an id 0 or 1, so only those
+    positions (few: BOS and the like) are traced back to their Python object: chunk k holds
+    the ids from ``chunk_start[k]`` on, read from ``chunks[k] = (list, offset, b, t, key)``.
+    Costs one vectorised pass over the ids instead of a type check of every id."""
+    candidates = np.flatnonzero((tokens == 0) | (tokens == 1))
+    if candidates.size == 0:
+        return
+    starts = np.frombuffer(chunk_start, dtype=np.int64)
+    owner = np.searchsorted(starts, candidates, side="right") - 1
+    for pos, k in zip(candidates.tolist(), owner.tolist()):
+        ids, offset, b, t, key = chunks[k]
+        i = offset + pos - int(starts[k])
+        if isinstance(ids[i], (bool, np.bool_)):
+            raise ValueError(
+                f"{_where(b, t)}: {key}[{i}] is the bool {ids[i]!r}; token ids must be ints"
+            )
+
+
+def _as_int64(value, where: str, key: str) -> int:
+    """An int (not bool) in int64 range, e.g. a group or anchor id."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{where}: {key} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{where}: {key} = {value} is outside the int64 range")
+    return value
+
+
+def _check_trajectories_arg(trajectories) -> None:
+    """A list (or any iterable, e.g. a generator, consumed once) of trajectory mappings; one
+    trajectory mapping by itself, a string or a non-iterable is refused."""
+    if isinstance(trajectories, (Mapping, str, bytes)) or not isinstance(trajectories, Iterable):
+        raise ValueError(
+            "trajectories: expected a list (or iterable) of trajectory mappings, got "
+            f"{type(trajectories).__name__}"
+            + (" (wrap a single trajectory in a list)" if isinstance(trajectories, Mapping) else "")
+        )
 
 
 def _first_mismatch(prompt: list, context: list) -> int:
@@ -98,10 +151,11 @@ def _check_trajectory(traj, b: int):
         raise ValueError(
             f"{_where(b)}: 'terminated' must be a bool, got {type(terminated).__name__}"
         )
-    if isinstance(group, (bool, np.bool_)) or not isinstance(group, (int, np.integer)):
-        raise ValueError(f"{_where(b)}: 'group' must be an int, got {type(group).__name__}")
-    if isinstance(steps, (str, bytes, dict)) or not hasattr(steps, "__len__"):
-        raise ValueError(f"{_where(b)}: 'steps' must be a list of step mappings")
+    group = _as_int64(group, _where(b), "'group'")
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Sequence):
+        raise ValueError(
+            f"{_where(b)}: 'steps' must be a list of step mappings, got {type(steps).__name__}"
+        )
     if len(steps) == 0:
         raise ValueError(f"{_where(b)}: a trajectory needs at least one step, got zero steps")
     return steps, bool(terminated), group
@@ -110,16 +164,28 @@ def _check_trajectory(traj, b: int):
 def read_records(trajectories, layout: str = "auto") -> Records:
     """Check the records and extract token ids and per-step facts (see module docstring).
 
-    Raises ``ValueError`` naming ``trajectories[b].steps[t]`` and the rule for: a missing key, an
-    empty ``prompt_ids`` or ``action_ids``, a non-integer or negative id, ``logprobs`` whose length
-    differs from the action's, non-numeric or non-finite rewards / log-probs, ``logprobs`` or
-    ``anchor`` given for some steps only, a trajectory with zero steps, and (``layout="merged"``)
-    a step whose prompt does not extend the previous step's prompt + action.
+    ``trajectories`` is a list, tuple or any other iterable of trajectory mappings (a
+    generator is consumed once); a mapping by itself (one trajectory not wrapped in a list), a
+    string or a non-iterable is refused.
+
+    Raises ``ValueError`` naming ``trajectories[b].steps[t]`` (or ``trajectories[b]`` for
+    per-trajectory fields) and the rule for: a missing key, an empty ``prompt_ids`` or
+    ``action_ids``, id fields that are not ordered sequences (sets and dicts are refused; lists,
+    tuples, ranges and 1-D numpy arrays / torch tensors are taken), a non-integer, bool,
+    negative or beyond-int64 id (a bool is an int to Python: a mask passed as ids would become
+    ids 0/1), ``logprobs`` whose length differs from the action's, non-numeric or non-finite
+    rewards, log-probs that are not finite and <= 0 (as float32), ``group`` / ``anchor`` ids
+    that are not ints in int64 range, ``logprobs`` or ``anchor`` given for some steps only, a
+    trajectory with zero steps, and (``layout="merged"``) a step whose prompt does not extend
+    the previous step's prompt + action. Rewards may be bools or any real number within
+    float32 range.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: {layout!r} is not one of {', '.join(map(repr, LAYOUTS))}")
+    _check_trajectories_arg(trajectories)
     may_merge, must_merge = layout != "rows", layout == "merged"
     tokens, new_len, act_len, starts = array("q"), array("q"), array("q"), array("b")
+    chunk_start, chunks = array("q"), []  # where each step's ids came from (bool check)
     traj_steps, group, terminated = array("q"), array("q"), array("b")
     rewards, logprobs, anchors = array("d"), array("f"), array("q")
     with_lp = without_lp = with_anchor = without_anchor = None  # first (b, t) of each kind
@@ -128,7 +194,7 @@ def read_records(trajectories, layout: str = "auto") -> Records:
         steps, term, grp = _check_trajectory(traj, b)
         traj_steps.append(len(steps))
         terminated.append(term)
-        group.append(int(grp))
+        group.append(grp)
         prev_prompt = prev_action = None  # the previous step's lists (its sequence ends with them)
         for t, step in enumerate(steps):
             try:
@@ -166,9 +232,12 @@ def read_records(trajectories, layout: str = "auto") -> Records:
                 )
             else:
                 merge = False
+            # each id list appended is recorded as a chunk (for the bool check at the end)
             try:
                 if merge:
                     if n_prompt > n_context:
+                        chunk_start.append(len(tokens))
+                        chunks.append((prompt, n_context, b, t, "prompt_ids"))
                         tokens.fromlist(prompt[n_context:])
                     new_len.append(n_prompt - n_context)
                 else:
@@ -180,25 +249,31 @@ def read_records(trajectories, layout: str = "auto") -> Records:
                             f"({n_context} tokens); they differ at position {k} "
                             f"(prompt has {n_prompt} tokens). Use layout='auto' or 'rows'"
                         )
+                    chunk_start.append(len(tokens))
+                    chunks.append((prompt, 0, b, t, "prompt_ids"))
                     tokens.fromlist(prompt)
                     new_len.append(n_prompt)
+                chunk_start.append(len(tokens))
+                chunks.append((action, 0, b, t, "action_ids"))
                 tokens.fromlist(action)
             except (TypeError, OverflowError) as e:
+                key = chunks[-1][4]  # the list being converted
                 raise ValueError(
-                    f"{_where(b, t)}: prompt_ids/action_ids must be ints in int64 range ({e})"
+                    f"{_where(b, t)}: {key} must be ints in int64 range ({e})"
                 ) from None
             act_len.append(n_action)
             starts.append(not merge)
             try:
                 rewards.append(reward)
-            except TypeError:
+            except (TypeError, OverflowError):
                 raise ValueError(
-                    f"{_where(b, t)}: reward must be a real number, got {type(reward).__name__}"
+                    f"{_where(b, t)}: reward must be a real number within float range, got "
+                    f"{type(reward).__name__}"
                 ) from None
 
             if lp is not None:
                 if type(lp) is not list:
-                    lp = _as_list(lp, _where(b, t), "logprobs")
+                    lp = _as_list(lp, _where(b, t), "logprobs", "real numbers")
                 if len(lp) != n_action:
                     raise ValueError(
                         f"{_where(b, t)}: logprobs has {len(lp)} entries but action_ids has "
@@ -206,19 +281,15 @@ def read_records(trajectories, layout: str = "auto") -> Records:
                     )
                 try:
                     logprobs.fromlist(lp)
-                except TypeError:
-                    raise ValueError(f"{_where(b, t)}: logprobs must be real numbers") from None
+                except (TypeError, OverflowError):
+                    raise ValueError(
+                        f"{_where(b, t)}: logprobs must be real numbers within float range"
+                    ) from None
                 with_lp = with_lp or (b, t)
             else:
                 without_lp = without_lp or (b, t)
             if anchor is not None:
-                if isinstance(anchor, (bool, np.bool_)) or not isinstance(
-                    anchor, (int, np.integer)
-                ):
-                    raise ValueError(
-                        f"{_where(b, t)}: anchor must be an int, got {type(anchor).__name__}"
-                    )
-                anchors.append(int(anchor))
+                anchors.append(_as_int64(anchor, _where(b, t), "anchor"))
                 with_anchor = with_anchor or (b, t)
             else:
                 without_anchor = without_anchor or (b, t)
@@ -248,6 +319,7 @@ def read_records(trajectories, layout: str = "auto") -> Records:
         anchor=np.frombuffer(anchors, dtype=np.int64) if with_anchor else None,
         rollout_logp=np.frombuffer(logprobs, dtype=np.float32) if with_lp else None,
     )
+    _check_no_bool_ids(out.tokens, chunk_start, chunks)
     _check_values(out)
     return out
 
@@ -276,11 +348,19 @@ def _check_values(r: Records) -> None:
         raise ValueError(
             f"{_where(*_locate(r, s))}: reward must be finite (as float32), got {r.rewards[s]}"
         )
-    if r.rollout_logp is not None:
-        bad = ~np.isfinite(r.rollout_logp)
-        if bad.any():
-            s = int(np.searchsorted(np.cumsum(r.action_len), int(np.argmax(bad)), side="right"))
-            raise ValueError(f"{_where(*_locate(r, s))}: logprobs must be finite")
+    if r.rollout_logp is not None and r.rollout_logp.size:
+        # one pass in the common case: NaN propagates into max, and finite log-probs are <= 0
+        high = r.rollout_logp.max()
+        if not high <= 0.0 or not np.isfinite(r.rollout_logp.min()):
+            bad = ~(np.isfinite(r.rollout_logp) & (r.rollout_logp <= 0.0))
+            i = int(np.argmax(bad))
+            cu = np.cumsum(r.action_len)
+            s = int(np.searchsorted(cu, i, side="right"))
+            k = i - (int(cu[s - 1]) if s else 0)
+            raise ValueError(
+                f"{_where(*_locate(r, s))}: logprobs must be finite and <= 0 (log-probs), got "
+                f"logprobs[{k}] = {r.rollout_logp[i]} (as float32)"
+            )
 
 
 def csr_numpy(records: Records) -> Csr:

@@ -16,12 +16,17 @@ Two kinds of checks:
 metadata checks still run. A compiled graph therefore trusts its inputs' values: validate a
 batch once in eager (e.g. ``StepBatch.validate()``, or one eager call of the op) before
 compiling a training step that consumes it. Each value check reads its tensor with one reduction
-and one host transfer (``aminmax`` for finiteness: NaN and inf propagate into min/max), and
-locates the first bad index with ``nonzero()`` only on failure, to name it.
+(``aminmax`` for finiteness: NaN and inf propagate into min/max), and locates the first bad
+index with ``nonzero()`` only on failure, to name it. An op reads everything its value checks
+need -- the (min, max) of its float and index tensors, the (first, last, smallest step) of its
+offsets -- with :func:`read_values` in **one** host transfer and hands each to its check
+(``bounds=`` / ``summary=``): the advantage, loss and log-prob ops make one host sync per
+call, whatever the number of inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -65,20 +70,29 @@ def values_checked() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_offsets(name: str, cu, length: int | None = None, *, device=None) -> int:
-    """CSR offsets: 1-D int32/int64, at least one entry, ``cu[0] == 0``, non-decreasing,
-    ``cu[-1] == length`` (when given). Returns the number of segments ``len(cu) - 1``.
-
-    The value rules (start, order, end) are skipped under ``torch.compile``
-    (:func:`values_checked`); the metadata rules always hold."""
+def check_offsets_metadata(name: str, cu, *, device=None) -> None:
+    """The metadata rules of :func:`check_offsets` (1-D int32/int64, at least one entry)."""
     check_tensor(name, cu, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if cu.numel() == 0:
         raise ValueError(f"{name}: offsets need at least one entry (cu[0] == 0)")
+
+
+def check_offsets(name: str, cu, length: int | None = None, *, device=None, summary=None) -> int:
+    """CSR offsets: 1-D int32/int64, at least one entry, ``cu[0] == 0``, non-decreasing,
+    ``cu[-1] == length`` (when given). Returns the number of segments ``len(cu) - 1``.
+
+    ``summary``: ``cu``'s (first, last, smallest step) from :func:`read_values`, when the
+    caller read it together with other tensors (else read here, one host transfer).
+    The value rules (start, order, end) are skipped under ``torch.compile``
+    (:func:`values_checked`); the metadata rules always hold."""
+    check_offsets_metadata(name, cu, device=device)
     if not values_checked():
         return cu.numel() - 1
     # one host transfer for the common (valid) case: first entry, last entry, smallest step
     # (diff().min() measured 4x faster than a (cu[1:] < cu[:-1]) any/nonzero at 65k entries)
-    if cu.numel() == 1:
+    if summary is not None:
+        first, last, smallest_step = (int(v) for v in summary)
+    elif cu.numel() == 1:
         first = last = int(cu[0])
         smallest_step = 0
     else:
@@ -96,10 +110,15 @@ def check_offsets(name: str, cu, length: int | None = None, *, device=None) -> i
     return cu.numel() - 1
 
 
-def check_nonempty_segments(name: str, cu) -> None:
+def check_nonempty_segments(name: str, cu, *, smallest_step: int | None = None) -> None:
     """Every segment of ``cu`` has at least one entry (e.g. every step has an action token).
+    ``smallest_step``: ``min(cu.diff())`` when already read (:func:`read_values`).
     A value check: skipped under ``torch.compile``."""
-    if cu.numel() > 1 and values_checked() and int(cu.diff().min()) <= 0:
+    if cu.numel() <= 1 or not values_checked():
+        return
+    if smallest_step is None:
+        smallest_step = int(cu.diff().min())
+    if smallest_step <= 0:
         i = int((cu[1:] <= cu[:-1]).nonzero()[0, 0])
         raise ValueError(f"{name}: segment {i} is empty; every segment needs >= 1 entry")
 
@@ -109,26 +128,104 @@ def _min_max(x: torch.Tensor) -> tuple[float, float]:
     return tuple(torch.stack(torch.aminmax(x.reshape(-1))).double().tolist())
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run CPU reductions on one thread. ``aminmax`` parallelises from 32k entries, and on a
+    loaded 2-core machine (loadavg ~8, 2026-12-03) that 2-thread region stalled: 5.7 ms best
+    of 30 for 65k fp32 entries against 0.015 ms on one thread (4M entries: 8.1 ms vs 1.9 ms);
+    a value check must never cost more than the op it guards. The thread count is restored
+    afterwards."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_values(tensors=(), offsets=()):
+    """Everything an op's value checks need, in **one** host transfer: the (min, max) of every
+    tensor of ``tensors`` (None for None or empty ones; NaN anywhere makes the pair NaN) and
+    the (first, last, smallest step) of every offsets tensor of ``offsets`` (None for None;
+    smallest step 0 for a single entry; their metadata must be checked first). Read in fp64:
+    int64 values below 2**53 and fp64 values are exact (the checks compare, never add).
+    Under ``torch.compile`` (values not checked) it reads nothing and returns all None.
+    Returns ``(bounds, summaries)``."""
+    present = [x for x in tensors if x is not None and x.numel() > 0]
+    cus = [cu for cu in offsets if cu is not None]
+    if not (present or cus) or not values_checked():
+        return [None] * len(tensors), [None] * len(offsets)
+    # copied (and converted) into one fp64 buffer: no stack/cat launches, one transfer
+    device = (present + cus)[0].device
+    buf = torch.empty(2 * len(present) + 3 * len(cus), dtype=torch.float64, device=device)
+    with _one_cpu_thread(device):
+        for k, x in enumerate(present):
+            low, high = torch.aminmax(x.reshape(-1))
+            buf[2 * k].copy_(low)
+            buf[2 * k + 1].copy_(high)
+        base = 2 * len(present)
+        for k, cu in enumerate(cus):
+            buf[base + 3 * k].copy_(cu[0])
+            buf[base + 3 * k + 1].copy_(cu[-1])
+            if cu.numel() > 1:
+                buf[base + 3 * k + 2].copy_(cu.diff().min())
+            else:
+                buf[base + 3 * k + 2].zero_()
+    flat = buf.tolist()
+    pairs = iter(zip(flat[0:base:2], flat[1:base:2]))
+    triples = iter(zip(flat[base::3], flat[base + 1 :: 3], flat[base + 2 :: 3]))
+    bounds = [next(pairs) if x is not None and x.numel() > 0 else None for x in tensors]
+    return bounds, [None if cu is None else next(triples) for cu in offsets]
+
+
+def min_max_all(*tensors) -> list[tuple[float, float] | None]:
+    """The (min, max) pairs of :func:`read_values` for ``tensors`` (one host transfer)."""
+    return read_values(tensors)[0]
+
+
+def _entry(x: torch.Tensor, flat_index: int):
+    """Index of flat entry ``flat_index`` as shown in messages: an int for 1-D tensors, a tuple
+    (row, column, ...) otherwise."""
+    if x.dim() <= 1:
+        return flat_index
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), x.shape))
+
+
+def check_finite(name: str, x: torch.Tensor, *, bounds=None, counted=None, rule="") -> None:
     """Every entry of float ``x`` is finite (no NaN or inf); names the first bad index.
-    A value check: skipped under ``torch.compile``. Cost: one ``aminmax`` + one host transfer
-    (``nonzero`` only on failure)."""
+
+    ``bounds``: ``x``'s (min, max) from :func:`min_max_all`, when the caller read several
+    tensors at once (else read here). ``counted``: None (every entry must be finite) or a
+    zero-argument callable returning a bool mask shaped like ``x``; then only entries where it
+    is True must be finite (e.g. tokens of steps with weight > 0, which alone reach a loss).
+    The mask is built only when a non-finite entry exists, so the common case costs one
+    ``aminmax``. ``rule`` describes the counted entries in the message.
+    A value check: skipped under ``torch.compile``."""
     if x.numel() == 0 or not values_checked():
         return
-    low, high = _min_max(x)
+    low, high = _min_max(x) if bounds is None else bounds
     if math.isfinite(low) and math.isfinite(high):
         return
-    flat = x.reshape(-1)
-    i = int((~torch.isfinite(flat)).nonzero()[0, 0])
-    raise ValueError(f"{name}: entry {i} is {float(flat[i])}; all must be finite")
+    bad = ~torch.isfinite(x)
+    if counted is not None:
+        bad &= counted()
+    found = bad.reshape(-1).nonzero()
+    if found.numel() == 0:
+        return  # non-finite entries only where they never reach a result
+    i = int(found[0, 0])
+    where = rule or "all must be finite"
+    raise ValueError(f"{name}: entry {_entry(x, i)} is {float(x.reshape(-1)[i])}; {where}")
 
 
-def check_weights(name: str, w: torch.Tensor) -> None:
+def check_weights(name: str, w: torch.Tensor, *, bounds=None) -> None:
     """Every entry of float weights ``w`` is finite and >= 0; names the first bad index.
-    A value check: skipped under ``torch.compile``."""
+    ``bounds`` as in :func:`check_finite`. A value check: skipped under ``torch.compile``."""
     if w.numel() == 0 or not values_checked():
         return
-    low, high = _min_max(w)
+    low, high = _min_max(w) if bounds is None else bounds
     if math.isfinite(low) and math.isfinite(high) and low >= 0:
         return
     flat = w.reshape(-1)
@@ -136,12 +233,18 @@ def check_weights(name: str, w: torch.Tensor) -> None:
     raise ValueError(f"{name}: {name}[{i}] = {float(flat[i])} must be finite and >= 0")
 
 
-def check_index_range(name: str, x: torch.Tensor, high: int, *, rule: str | None = None) -> None:
+def check_index_range(
+    name: str, x: torch.Tensor, high: int, *, rule: str | None = None, bounds=None
+) -> None:
     """Every entry of integer ``x`` lies in ``[0, high)``; names the first bad index (``rule``
-    describes the range in the message). A value check: skipped under ``torch.compile``."""
+    describes the range in the message). ``bounds`` as in :func:`check_finite` (exact: fp64
+    holds every id below 2**53). A value check: skipped under ``torch.compile``."""
     if x.numel() == 0 or not values_checked():
         return
-    low_seen, high_seen = torch.stack(torch.aminmax(x)).tolist()
+    if bounds is None:
+        low_seen, high_seen = torch.stack(torch.aminmax(x)).tolist()
+    else:
+        low_seen, high_seen = bounds
     if low_seen >= 0 and high_seen < high:
         return
     i = int(((x < 0) | (x >= high)).nonzero()[0, 0])

@@ -89,7 +89,7 @@ class StepBatch:
       critic reads V(s_t) there); always in the same sequence as the step's actions.
     - ``rewards`` [S] float32, ``terminated`` [B] bool, ``group`` [B] int64.
     - optional: ``anchor`` [S] int64 (GiGPO anchor state), ``step_weight`` [S] float32 (>= 0;
-      0 = padding step), ``rollout_logp`` [A] float32 (the sampler's log-probs).
+      0 = padding step), ``rollout_logp`` [A] float32 (the sampler's log-probs, finite and <= 0).
 
     Each trajectory owns whole sequences (its own, contiguous); one sequence may hold several
     steps (merged layout) or one (rows layout).
@@ -121,9 +121,12 @@ class StepBatch:
     ) -> StepBatch:
         """Build a batch from rollout records (docs/design.md §2).
 
-        ``trajectories``: list of ``{"steps": [step, ...], "terminated": bool, "group": int}``;
-        a step is ``{"prompt_ids": [int], "action_ids": [int], "reward": float}`` with optional
-        ``"logprobs": [float]`` (one per action token) and ``"anchor": int``.
+        ``trajectories``: list (or any iterable, e.g. a generator) of ``{"steps": [step, ...],
+        "terminated": bool, "group": int}``; a step is ``{"prompt_ids": [int], "action_ids":
+        [int], "reward": float}`` with optional ``"logprobs": [float]`` (one per action token,
+        finite and <= 0) and ``"anchor": int``. Id fields are ordered sequences of ints (lists,
+        tuples, 1-D int arrays/tensors; never bools, sets or dicts); ids, groups and anchors
+        fit int64.
 
         ``layout``: ``"rows"`` -- one sequence per step (prompt + action); ``"merged"`` -- step
         t+1 continues step t's sequence (which must be a prefix of its prompt, else

@@ -13,6 +13,8 @@ read tensor values (offsets, finiteness) are skipped (policy in :mod:`steppo_fas
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validate import (
@@ -23,12 +25,76 @@ from .._validate import (
     check_index,
     check_number,
     check_offsets,
+    check_offsets_metadata,
     check_tensor,
+    compute_dtype,
+    read_values,
 )
 from ._resolve import resolve
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 GIGPO_MODES = ("mean_std_norm", "mean_norm")
+
+
+def _check_all_finite(cu_trajs=None, n_steps: int = 0, lengths=None, **tensors) -> dict:
+    """The value rules of an advantage op in one host transfer: ``cu_trajs`` (when given, its
+    metadata already checked) are offsets ending at ``n_steps``, and every given float tensor
+    (None skipped) is finite; the first offender is named with its index. Returns each
+    tensor's max |entry| (None when nothing was read: None or empty tensors, or under
+    torch.compile). ``lengths``: tensors whose length must be the number of trajectories,
+    checked after the offsets (whose own error is the root cause when both are wrong)."""
+    bounds, summaries = read_values(tuple(tensors.values()), (cu_trajs,))
+    if cu_trajs is not None:
+        check_offsets("cu_trajs", cu_trajs, n_steps, summary=summaries[0])
+    for name in lengths or ():
+        check_float(name, tensors[name], length=cu_trajs.numel() - 1)
+    highs = {}
+    for (name, x), b in zip(tensors.items(), bounds):
+        highs[name] = None
+        if b is not None:
+            check_finite(name, x, bounds=b)
+            highs[name] = max(abs(b[0]), abs(b[1]))
+    return highs
+
+
+def _check_scan_magnitude(highs: dict, num_steps: int, dtype, *, values_weight: float) -> None:
+    """Finite inputs whose returns could overflow a backend's sums are refused, so that every
+    backend returns the same finite result (the fp32 scans of torch and triton would give inf
+    or NaN where the C++ scan in double does not). A trajectory has at most S steps and every
+    decay factor is <= 1, so with m = max|rewards| + ``values_weight`` * max|values or
+    last_values|, |returns| <= (S + 1) * m; it must stay below half the compute dtype's largest
+    value (fp32: 1.7e38)."""
+    if all(v is None for v in highs.values()):
+        return
+    limit = torch.finfo(dtype).max / 2
+    r = highs.get("rewards") or 0.0
+    v = max(highs.get("values") or 0.0, highs.get("last_values") or 0.0)
+    if (num_steps + 1) * (r + values_weight * v) > limit:
+        name = (
+            "rewards"
+            if r >= values_weight * v
+            else ("values" if (highs.get("values") or 0.0) >= v else "last_values")
+        )
+        raise ValueError(
+            f"{name}: |{name}| up to {max(r, v):.3g} can overflow the returns: (S + 1) * "
+            f"(max|rewards| + {values_weight:g} max|values, last_values|) must stay below "
+            f"{limit:.3g} (S = {num_steps} steps)"
+        )
+
+
+def _check_normalise_magnitude(name: str, high: float | None, n: int) -> None:
+    """The normalisations (whiten, group statistics) run in fp64: their sum of squared
+    deviations, at most n (2 max|x|)^2, must stay below half the fp64 limit (9e307). Always
+    true for fp32/bf16/fp16 inputs (n (6.8e38)^2 ~ 5e77 n); fp64 inputs beyond ~1e150 are
+    refused instead of giving NaN or a silently wrong 0."""
+    if high is None:
+        return
+    limit = torch.finfo(torch.float64).max / 2
+    if 2 * high > math.sqrt(limit / max(n, 1)):
+        raise ValueError(
+            f"{name}: |{name}| up to {high:.3g} can overflow the fp64 statistics: "
+            f"n * (2 max|{name}|)^2 must stay below {limit:.3g} (n = {n})"
+        )
 
 
 def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None, impl="auto"):
@@ -69,14 +135,21 @@ def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None,
     check_float("rewards", rewards)
     n_steps, device = rewards.shape[0], rewards.device
     check_float("values", values, length=n_steps, device=device)
-    n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
+    check_offsets_metadata("cu_trajs", cu_trajs, device=device)
     if last_values is not None:
-        check_float("last_values", last_values, length=n_trajs, device=device)
-        check_finite("last_values", last_values)
+        check_float("last_values", last_values, device=device)
     gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
     lam = check_number("lam", lam, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
-    check_finite("rewards", rewards)
-    check_finite("values", values)
+    highs = _check_all_finite(
+        cu_trajs,
+        n_steps,
+        lengths=() if last_values is None else ("last_values",),
+        rewards=rewards,
+        values=values,
+        last_values=last_values,
+    )
+    dtype = compute_dtype(rewards, values, last_values)
+    _check_scan_magnitude(highs, n_steps, dtype, values_weight=2.0)  # delta = r + gV' - V
     backend = resolve(impl, "step_gae", rewards, values, cu_trajs)
     with torch.no_grad():
         advantages, returns = backend.step_gae(
@@ -110,12 +183,18 @@ def discounted_returns(rewards, cu_trajs, *, gamma=1.0, last_values=None, impl="
     """
     check_float("rewards", rewards)
     n_steps, device = rewards.shape[0], rewards.device
-    n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
+    check_offsets_metadata("cu_trajs", cu_trajs, device=device)
     if last_values is not None:
-        check_float("last_values", last_values, length=n_trajs, device=device)
-        check_finite("last_values", last_values)
+        check_float("last_values", last_values, device=device)
     gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
-    check_finite("rewards", rewards)
+    highs = _check_all_finite(
+        cu_trajs,
+        n_steps,
+        lengths=() if last_values is None else ("last_values",),
+        rewards=rewards,
+        last_values=last_values,
+    )
+    _check_scan_magnitude(highs, n_steps, compute_dtype(rewards, last_values), values_weight=1.0)
     backend = resolve(impl, "discounted_returns", rewards, cu_trajs)
     return backend.discounted_returns(rewards, cu_trajs, gamma=gamma, last_values=last_values)
 
@@ -133,9 +212,15 @@ def whiten(x, weight=None, eps=1e-8, *, impl="auto"):
     Returns:
         Same shape as ``x``, fp32 (fp64 for fp64 ``x``); differentiable w.r.t. ``x``.
 
+    Precision: every backend computes in fp64 and rounds once to the output dtype, so values up
+    to the fp32 limit (+-3.4e38, whose sums and squares overflow fp32) give the exact result
+    rounded (+-inf only where that result itself is beyond fp32, e.g. an uncounted entry far
+    from a tiny std); equal counted entries give a mean equal to them bit for bit.
+
     Degenerate cases (never NaN): no counted entry returns ``x`` unchanged (mean 0, scale 1);
     one counted entry returns ``x - x_counted`` (scale 1); all counted entries equal give
-    ``(x - mean) / eps``, i.e. 0 on the counted entries.
+    ``(x - mean) / eps``, i.e. 0 on the counted entries, and ``x - mean`` (scale 1) when
+    ``eps == 0`` (a zero ``std + eps`` is never divided by).
 
     Equivalent to::
 
@@ -152,10 +237,10 @@ def whiten(x, weight=None, eps=1e-8, *, impl="auto"):
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES + (torch.bool,), device=x.device)
         if weight.shape != x.shape:
             raise ValueError(f"weight: shape {tuple(weight.shape)} != shape of x {tuple(x.shape)}")
-        if weight.dtype != torch.bool:
-            check_finite("weight", weight)
     eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
-    check_finite("x", x)
+    float_weight = None if weight is None or weight.dtype == torch.bool else weight
+    highs = _check_all_finite(x=x, weight=float_weight)
+    _check_normalise_magnitude("x", highs["x"], x.numel())
     backend = resolve(impl, "whiten", x, weight)
     return backend.whiten(x, weight, eps=eps)
 
@@ -170,7 +255,9 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6, impl="auto"):
         dr_grpo: s - mean_g
         rloo:    n_g / (n_g - 1) * (s - mean_g)   (= s minus the mean of the other members)
 
-    Groups of one give 0 in every mode.
+    Groups of one give 0 in every mode; a group of equal scores gives 0 also with ``eps = 0``
+    (a zero ``std + eps`` is replaced by 1, never divided by). Statistics in fp64, rounded
+    once, on every backend: scores up to the fp32 limit are exact.
 
     Args:
         scores: [B] float, one score per trajectory.
@@ -201,7 +288,8 @@ def group_advantages(scores, group, *, mode="grpo", eps=1e-6, impl="auto"):
     check_index("group", group, length=scores.shape[0], device=scores.device)
     check_choice("mode", mode, GROUP_MODES)
     eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
-    check_finite("scores", scores)
+    highs = _check_all_finite(scores=scores)
+    _check_normalise_magnitude("scores", highs["scores"], scores.numel())
     backend = resolve(impl, "group_advantages", scores, group)
     return backend.group_advantages(scores, group, mode=mode, eps=eps)
 
@@ -221,7 +309,8 @@ def gigpo_advantages(
     """GiGPO advantages (episode-level + anchor-state step-level), one per step.
 
     ``norm`` is ``(x - mean) / (std + eps)`` for "mean_std_norm" and ``x - mean`` for
-    "mean_norm", over a class (unbiased std); a class of one gives 0::
+    "mean_norm", over a class (unbiased std); a class of one gives 0, and a class of equal
+    values gives 0 also with ``eps = 0``. Computed in fp64 and rounded once::
 
         episode[b] = norm over trajectories of the same group of sum_t r_t   (each trajectory
                      counts once, also one with no steps, whose sum is 0)
@@ -254,14 +343,17 @@ def gigpo_advantages(
     """
     check_float("rewards", rewards)
     n_steps, device = rewards.shape[0], rewards.device
-    n_trajs = check_offsets("cu_trajs", cu_trajs, n_steps, device=device)
+    check_offsets_metadata("cu_trajs", cu_trajs, device=device)
+    n_trajs = cu_trajs.numel() - 1
     check_index("group", group, length=n_trajs, device=device)
     check_index("anchor", anchor, length=n_steps, device=device)
     step_weight = check_number("step_weight", step_weight)
     gamma = check_number("gamma", gamma, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")
     check_choice("mode", mode, GIGPO_MODES)
     eps = check_number("eps", eps, lambda v: v >= 0, ">= 0")
-    check_finite("rewards", rewards)
+    highs = _check_all_finite(cu_trajs, n_steps, rewards=rewards)
+    if highs["rewards"] is not None:  # returns (and episode sums) reach (S + 1) max|r|
+        _check_normalise_magnitude("rewards", (n_steps + 1) * highs["rewards"], n_steps)
     backend = resolve(impl, "gigpo_advantages", rewards, cu_trajs, group, anchor)
     return backend.gigpo_advantages(
         rewards, cu_trajs, group, anchor, step_weight=step_weight, gamma=gamma, mode=mode, eps=eps

@@ -6,7 +6,14 @@ import numbers
 
 import torch
 
-from .._validate import check_float, check_index, check_index_range, is_finite_number
+from .._validate import (
+    check_finite,
+    check_float,
+    check_index,
+    check_index_range,
+    is_finite_number,
+    min_max_all,
+)
 from ._resolve import resolve
 
 
@@ -27,11 +34,18 @@ def _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_
         check_float("bias", bias, ndim=1, length=vocab, device=device)
         _check_same_family("bias", bias, hidden)
     check_index("targets", targets, length=num_rows, device=device)
-    check_index_range("targets", targets, vocab, rule=f"[0, V) with V = {vocab}")
+    # one host transfer for every value check: targets in range, float inputs finite
+    t_bounds, *f_bounds = min_max_all(targets, hidden, weight, bias)
+    check_index_range("targets", targets, vocab, rule=f"[0, V) with V = {vocab}", bounds=t_bounds)
+    for name, x, b in zip(("hidden", "weight", "bias"), (hidden, weight, bias), f_bounds):
+        if b is not None:
+            check_finite(name, x, bounds=b)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature: expected a real number, got {type(temperature).__name__}")
     if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature: must be finite and > 0, got {temperature}")
+    if f_bounds[0] is not None and f_bounds[1] is not None:  # values were read
+        _check_logit_range(f_bounds, width, temperature, hidden.dtype)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
     if chunk_size is not None:
@@ -41,6 +55,26 @@ def _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_
             )
         if chunk_size <= 0:
             raise ValueError(f"chunk_size: must be > 0 rows, got {chunk_size}")
+
+
+def _check_logit_range(bounds, width: int, temperature: float, dtype) -> None:
+    """Finite inputs whose logits could overflow the compute dtype are refused (the log-probs
+    would be inf - inf = NaN on every backend): |z| <= (max|hidden| max|weight| H + max|bias|)
+    / T must stay below half its largest value (fp32: 1.7e38; fp64 for fp64 inputs)."""
+    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / 2
+    h, w, b = (0.0 if x is None else max(abs(x[0]), abs(x[1])) for x in bounds)
+    dot = h * w * width + b
+    if dot / temperature <= limit:
+        return
+    if dot <= limit:
+        name, what = "temperature", f"temperature = {temperature:.3g} is so small that"
+    else:
+        name = "hidden" if h >= w else "weight"
+        what = f"|{name}| up to {max(h, w):.3g} is so large that"
+    raise ValueError(
+        f"{name}: {what} the logits can overflow: (max|hidden| * max|weight| * H + max|bias|) / "
+        f"temperature = {dot / temperature:.3g} must stay below {limit:.3g} (H = {width})"
+    )
 
 
 def _check_same_family(name: str, x, hidden) -> None:
@@ -95,7 +129,12 @@ def linear_logprobs(
 
     Raises:
         ValueError: naming the argument (and index) for wrong shapes, dtypes, devices, targets
-            out of [0, V), temperature <= 0 or chunk_size <= 0.
+            out of [0, V), a NaN or inf entry of hidden, weight or bias, temperature <= 0,
+            logits that could overflow the compute dtype ((max|hidden| max|weight| H +
+            max|bias|) / temperature above half its largest value: NaN log-probs otherwise),
+            or chunk_size <= 0. The value checks (targets range, finiteness) cost one ``aminmax``
+            per tensor and one host transfer in all (one read of ``weight``: small next to the
+            matmuls, which read it once per chunk); they are skipped under ``torch.compile``.
 
     Equivalent to::
 

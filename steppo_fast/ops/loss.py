@@ -16,10 +16,15 @@ from .._validate import (
     check_nonempty_segments,
     check_number,
     check_offsets,
+    check_offsets_metadata,
     check_weights,
+    compute_dtype,
+    read_values,
 )
 from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS, PackedStats
 from ..reference.loss import loss_normalizer as _reference_loss_normalizer
+from ..reference.segments import segment_ids
+from ._loss_checks import check_policy_magnitudes, check_values, compute_limit
 from ._resolve import resolve
 
 STATS_MODES = ("float", "tensor")
@@ -55,6 +60,10 @@ def kl_penalty(
         [A] fp32 (fp64 for fp64 inputs); differentiable w.r.t. both inputs (zero gradient where
         k3 is clamped).
 
+    Raises:
+        ValueError: naming the argument and index of a NaN or inf entry (one ``aminmax`` per
+            input, one host transfer; skipped under ``torch.compile``), or for bad shapes.
+
     Equivalent to (k3)::
 
         d = (ref_logp.float() - logp.float()).clamp(-20, 20)  # value-neutral, keeps grads finite
@@ -63,6 +72,7 @@ def kl_penalty(
     check_float("logp", logp, ndim=1)
     check_float("ref_logp", ref_logp, ndim=1, length=logp.shape[0], device=logp.device)
     check_choice("kind", kind, KL_KINDS)
+    check_values("weight", None, {"logp": logp, "ref_logp": ref_logp})
     backend = resolve(impl, "kl_penalty", logp, ref_logp)
     return backend.kl_penalty(logp, ref_logp, kind=kind)
 
@@ -88,9 +98,11 @@ def value_loss(
 
     Args:
         values: [M] fp32/bf16/fp16/fp64 current critic values (differentiable).
-        old_values: [M] values at rollout time; returns: [M] targets R.
+        old_values: [M] values at rollout time; returns: [M] targets R. All three must be
+            finite on the entries with w_j > 0 (a ``ValueError`` names the first other one;
+            entries of weight 0 may hold anything).
         clip: None or a number >= 0. weight: None or [M] float, finite and >= 0.
-        normalizer: None or a number > 0.
+        normalizer: None or a finite number > 0.
 
     Returns:
         0-d fp32 loss (fp64 when an input is fp64).
@@ -109,8 +121,9 @@ def value_loss(
     if clip is not None:
         clip = check_number("clip", clip, lambda v: v >= 0, ">= 0 (or None)")
     if weight is not None:
-        _check_weights("weight", weight, length, device)
+        check_float("weight", weight, ndim=1, length=length, device=device)
     normalizer = _check_normalizer(normalizer)
+    check_values("weight", weight, {"values": values, "old_values": old_values, "returns": returns})
     backend = resolve(impl, "value_loss", values, old_values, returns, weight)
     return backend.value_loss(
         values, old_values, returns, clip=clip, weight=weight, normalizer=normalizer
@@ -118,18 +131,28 @@ def value_loss(
 
 
 def _validate_layout(cu_steps, cu_trajs, num_tokens, num_steps, device, needs_trajs, why):
-    check_offsets("cu_steps", cu_steps, num_tokens, device=device)
+    """Metadata of the offsets (their values are checked with the other values, in one read)."""
+    check_offsets_metadata("cu_steps", cu_steps, device=device)
     if cu_steps.numel() - 1 != num_steps:
         raise ValueError(
             f"cu_steps: {cu_steps.numel() - 1} steps (len(cu_steps) - 1) != "
             f"len(advantages) = {num_steps}"
         )
-    check_nonempty_segments("cu_steps", cu_steps)
     if cu_trajs is None:
         if needs_trajs:
             raise ValueError(f"cu_trajs: required for {why}")
     else:
-        check_offsets("cu_trajs", cu_trajs, num_steps, device=device)
+        check_offsets_metadata("cu_trajs", cu_trajs, device=device)
+
+
+def _check_layout_values(cu_steps, cu_trajs, num_tokens, num_steps, summaries) -> None:
+    """The offsets' value rules, from the (first, last, smallest step) already read."""
+    check_offsets("cu_steps", cu_steps, num_tokens, summary=summaries[0])
+    check_nonempty_segments(
+        "cu_steps", cu_steps, smallest_step=None if summaries[0] is None else summaries[0][2]
+    )
+    if cu_trajs is not None:
+        check_offsets("cu_trajs", cu_trajs, num_steps, summary=summaries[1])
 
 
 def step_policy_loss(
@@ -195,6 +218,17 @@ def step_policy_loss(
     ``stats="tensor"`` (a host read cannot be traced); without ``fullgraph`` Dynamo breaks the
     graph at that error and runs the call eagerly, where it works.
 
+    Value checks (one ``aminmax`` per tensor, one host transfer for all of them, skipped under
+    ``torch.compile``): ``logp``, ``old_logp``, ``advantages`` (and ``ref_logp`` when the KL
+    term reads it, i.e. ``kl_coef != 0``) must be finite on steps with sw > 0 (padding steps
+    may hold anything), else a ``ValueError`` names the argument and entry. Magnitudes must
+    keep every backend's sums finite: with N the units of ``agg`` (S for step-mean, A for
+    token-mean, B for traj-mean), N * max(sw) * (e^20 max|A| + |kl_coef| k_max) and
+    A * (max|logp| + max|old_logp|), divided by ``normalizer`` when given, must stay below half
+    the compute dtype's largest value (fp32: 1.7e38; |A| up to ~1e23 for a million units), else
+    a ``ValueError`` names the input (so no backend returns inf or NaN for finite inputs, and
+    all agree; see :mod:`steppo_fast.ops._loss_checks`).
+
     Args:
         logp: [A] fp32/bf16/fp16/fp64 current log-probs (differentiable).
         old_logp: [A] rollout-time log-probs. advantages: [S] one per step.
@@ -204,7 +238,7 @@ def step_policy_loss(
         length_power: >= 0. clip_low: in [0, 1). clip_high: >= 0. dual_clip: None or > 1.
         step_weight: None or [S] float, finite and >= 0.
         ref_logp: [A], required when kl_coef != 0. kl_type: "k1", "k2", "k3".
-        normalizer: None or a number > 0 (a Python number under ``torch.compile``).
+        normalizer: None or a finite number > 0 (a Python number under ``torch.compile``).
         stats: "float" (Python floats, one host sync) or "tensor" (0-d tensors, no sync).
 
     Returns:
@@ -241,13 +275,44 @@ def step_policy_loss(
     if dual_clip is not None:
         dual_clip = check_number("dual_clip", dual_clip, lambda v: v > 1, "> 1 (or None)")
     if step_weight is not None:
-        _check_weights("step_weight", step_weight, num_steps, device)
+        check_float("step_weight", step_weight, ndim=1, length=num_steps, device=device)
     kl_coef = check_number("kl_coef", kl_coef, rule="a finite number")
     if ref_logp is not None:
         check_float("ref_logp", ref_logp, ndim=1, length=num_tokens, device=device)
     elif kl_coef != 0.0:
         raise ValueError(f"ref_logp: required when kl_coef != 0 (got kl_coef={kl_coef})")
     normalizer = _check_normalizer(normalizer)
+    used_ref = ref_logp if kl_coef != 0.0 else None  # ref_logp is read only by the KL term
+    # every value rule below from one host transfer (offsets, weights, finiteness, magnitudes)
+    floats = (step_weight, advantages, logp, old_logp, used_ref)
+    bounds, summaries = read_values(floats, (cu_steps, cu_trajs))
+    _check_layout_values(cu_steps, cu_trajs, num_tokens, num_steps, summaries)
+    bounds = check_values(
+        "step_weight",
+        step_weight,
+        {"advantages": advantages},
+        {"logp": logp, "old_logp": old_logp, "ref_logp": used_ref},
+        token_entry=lambda: segment_ids(cu_steps, num_tokens),
+        bounds=bounds,
+    )
+    if any(b is not None for b in bounds):  # values were read (not under torch.compile)
+        if agg == "step-mean":
+            units = num_steps
+        elif agg == "token-mean":
+            units = num_tokens
+        else:
+            units = cu_trajs.shape[0] - 1
+        check_policy_magnitudes(
+            bounds,
+            (advantages, logp, old_logp, used_ref),
+            step_weight=step_weight,
+            cu_steps=cu_steps,
+            num_units=units,
+            kl_coef=kl_coef,
+            kl_type=kl_type,
+            normalizer=normalizer,
+            limit=compute_limit(compute_dtype(logp, old_logp, advantages, step_weight, ref_logp)),
+        )
 
     tensors = (logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp)
     backend = resolve(impl, "step_policy_loss", *tensors)

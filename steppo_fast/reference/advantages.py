@@ -6,7 +6,9 @@ Empty trajectories (``cu_trajs[b] == cu_trajs[b+1]``) are accepted: they produce
 (and, in the group statistics of :func:`gigpo_advantages`, count as an episode of return 0).
 
 Every function takes inputs already validated by :mod:`steppo_fast.ops.advantages`, computes in
-fp32 (fp64 when any float input is fp64) and returns that dtype.
+fp32 (fp64 when any float input is fp64) and returns that dtype; the normalisations (``whiten``,
+the group statistics of ``group_advantages`` / ``gigpo_advantages``) compute in fp64 and round
+once, as the C++ backend does, so extreme values agree across backends.
 
 Segmented reverse scans (GAE, discounted returns) use a log-depth doubling scan over the flat
 array: no Python loop over trajectories or positions, ``ceil(log2(T_max))`` vectorised passes,
@@ -110,6 +112,14 @@ def _safe_sqrt(var: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, var, 1.0)), 0.0)
 
 
+def _stable_scale(std: torch.Tensor, eps: float, enough: torch.Tensor) -> torch.Tensor:
+    """The divisor of a normalisation: ``std + eps`` where the statistic exists (``enough``) and
+    is positive, else 1 (an undefined or zero scale falls back to the identity, so ``eps = 0``
+    on equal entries gives 0, never 0/0 = NaN)."""
+    scale = std + eps
+    return torch.where(enough & (scale > 0), scale, torch.ones_like(scale))
+
+
 def whiten(x, weight=None, eps=1e-8):
     """``(x - mean) / (std + eps)``, mean and unbiased std over the entries with ``weight > 0``
     (a mask: every counted entry weighs the same); every entry is transformed.
@@ -117,35 +127,60 @@ def whiten(x, weight=None, eps=1e-8):
     x [...] (any shape), weight same shape or None (all counted) -> same shape, fp32 (fp64 for
     fp64 ``x``). Differentiable w.r.t. ``x`` (through the mean and std too).
 
+    Computed in fp64 and rounded once to the output dtype (as the C++ backend does), so values
+    up to the fp32 limit (+-3.4e38, whose sum and squares overflow fp32) whiten exactly, and
+    the statistics are taken about a pivot (the first counted entry, detached: the result does
+    not depend on it) so that equal entries give a mean equal to them, bit for bit.
+
     Degenerate cases never give NaN; an undefined statistic falls back to the identity:
     no counted entry -> mean 0 and scale 1 (``x`` returned unchanged, as a new tensor);
     one counted entry -> its value is the mean and the scale is 1 (``x - x_counted``, so the
     counted entry becomes 0). A zero std (all counted entries equal) gives ``(x - mean) / eps``
-    (0 on the counted entries) with a finite gradient.
+    (0 on the counted entries) with a finite gradient, and ``x - mean`` when ``eps == 0``.
     """
-    dtype = compute_dtype(x)
-    xc = x.to(dtype)
+    out_dtype = compute_dtype(x)
+    xc = x.to(torch.float64)
+    flat = xc.reshape(-1)
     mask = torch.ones_like(xc, dtype=torch.bool) if weight is None else weight > 0
-    count = mask.sum().to(dtype)
-    mean = torch.where(mask, xc, 0.0).sum() / count.clamp(min=1.0)
-    centred = xc - mean
+    count = mask.sum().to(torch.float64)
+    # pivot: the first counted entry (0 when none is counted, or x is empty)
+    if flat.numel():  # index_select, not [first]: a tensor index would not trace
+        first = mask.reshape(-1).to(torch.int8).argmax().reshape(1)
+        pivot = flat.detach().index_select(0, first)[0]
+    else:
+        pivot = flat.new_zeros(())
+    pivot = torch.where(count > 0, pivot, torch.zeros_like(pivot))
+    shifted = xc - pivot
+    mean = torch.where(mask, shifted, 0.0).sum() / count.clamp(min=1.0)
+    centred = shifted - mean
     var = torch.where(mask, centred, 0.0).square().sum() / (count - 1.0).clamp(min=1.0)
-    scale = torch.where(count >= 2, _safe_sqrt(var) + eps, 1.0)
-    return centred / scale
+    scale = _stable_scale(_safe_sqrt(var), eps, count >= 2)
+    return (centred / scale).to(out_dtype)
 
 
 def _group_normalise(x: torch.Tensor, ids: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
     """Normalise ``x`` [n] within the classes of equal ``ids`` ([n] int64).
 
     mode "std": (x - mean) / (std + eps); "mean": x - mean; "loo": n/(n-1) * (x - mean).
-    std is the unbiased std of the class; classes of one give 0. Differentiable w.r.t. ``x``.
+    std is the unbiased std of the class; classes of one give 0; a zero ``std + eps`` (equal
+    members, ``eps == 0``) gives the divisor 1, so 0. Computed in fp64 about a per-class pivot
+    (the class's first member, detached), rounded once to ``x``'s dtype, as :func:`whiten`:
+    exact for values up to the fp32 limit, and equal members give exactly 0. Differentiable
+    w.r.t. ``x``.
     """
+    out_dtype = x.dtype
+    x64 = x.to(torch.float64)
     _, inverse = torch.unique(ids, return_inverse=True)
     n_classes = int(inverse.max()) + 1 if inverse.numel() else 0
-    zeros = x.new_zeros(n_classes)
-    count = zeros.index_add(0, inverse, torch.ones_like(x))
-    mean = zeros.index_add(0, inverse, x) / count.clamp(min=1.0)
-    centred = x - mean[inverse]
+    positions = torch.arange(x.numel(), device=x.device)
+    first = positions.new_full((n_classes,), x.numel()).scatter_reduce(
+        0, inverse, positions, "amin"
+    )
+    shifted = x64 - x64.detach()[first][inverse]
+    zeros = x64.new_zeros(n_classes)
+    count = zeros.index_add(0, inverse, torch.ones_like(x64))
+    mean = zeros.index_add(0, inverse, shifted) / count.clamp(min=1.0)
+    centred = shifted - mean[inverse]
     n = count[inverse]
     if mode == "mean":
         out = centred
@@ -153,8 +188,8 @@ def _group_normalise(x: torch.Tensor, ids: torch.Tensor, mode: str, eps: float) 
         out = centred * (n / (n - 1.0).clamp(min=1.0))
     else:
         var = zeros.index_add(0, inverse, centred.square()) / (count - 1.0).clamp(min=1.0)
-        out = centred / (_safe_sqrt(var)[inverse] + eps)
-    return torch.where(n >= 2, out, 0.0)
+        out = centred / _stable_scale(_safe_sqrt(var), eps, count >= 2)[inverse]
+    return torch.where(n >= 2, out, 0.0).to(out_dtype)
 
 
 _GROUP_MODES = {"grpo": "std", "dr_grpo": "mean", "rloo": "loo"}
@@ -185,14 +220,16 @@ def gigpo_advantages(
     x - mean; unbiased std; groups/classes of one give 0 in both parts.
 
     rewards [S] float, cu_trajs [B+1], group [B] int, anchor [S] int -> [S] fp32 (fp64 for
-    fp64 rewards). Differentiable w.r.t. ``rewards``.
+    fp64 rewards), computed in fp64 and rounded once. Differentiable w.r.t. ``rewards``.
 
     Differences from verl-agent's GiGPO code (by design, per the package contract): there the
     episode statistics count every step row (a long trajectory weighs more) and a group of one
     keeps its raw score; here each trajectory counts once and a group of one gives 0.
     """
+    # in fp64, rounded once at the end: episode sums and returns of fp32 rewards cannot
+    # overflow (the normalised result is what is returned), as in whiten
     dtype = compute_dtype(rewards)
-    r = rewards.to(dtype)
+    r = rewards.to(torch.float64)
     group = group.to(torch.int64)
     segment_id, _, _ = _segment_layout(cu_trajs, r.numel())
     kind = _GIGPO_MODES[mode]
@@ -207,4 +244,4 @@ def gigpo_advantages(
     anchors, anchor_rank = torch.unique(anchor.to(torch.int64), return_inverse=True)
     step_class = group_rank[segment_id] * anchors.numel() + anchor_rank
     step = _group_normalise(step_return, step_class, kind, eps)
-    return episode + step_weight * step
+    return (episode + step_weight * step).to(dtype)
