@@ -2,7 +2,13 @@
 
 All R sequences go through the model as **one row** of N tokens; what keeps them apart:
 
-- ``attention="position_ids"`` (default; sdpa / flash-attention / flex): ``position_ids``
+- ``attention="varlen"`` (default): the sequence offsets ``cu_seqlens`` reach the attention
+  function (``cu_seq_lens_q/k``, ``max_length_q/k``, the keyword arguments transformers forwards
+  to flash-attention); an sdpa/eager model is switched to the ``"steppo_varlen"`` attention of
+  :mod:`steppo_fast.varlen_attention` (flash-attn's varlen kernel on CUDA when installed, causal
+  SDPA per sequence otherwise), which builds no [N, N] mask: O(sum_r L_r^2) work and O(N)
+  memory. ``position_ids`` restart per sequence (rotary positions) and ``use_cache=False``.
+- ``attention="position_ids"`` (sdpa / flash-attention / flex): ``position_ids``
   restarting at 0 per sequence, no attention mask and ``use_cache=False``. transformers then
   builds a block-causal mask from the position resets. With the default ``use_cache`` (True
   for most configs) or with a 2-D all-ones ``attention_mask``, transformers silently builds a
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-ATTENTION_MODES = ("position_ids", "block_mask")
+ATTENTION_MODES = ("varlen", "position_ids", "block_mask")
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,11 +58,13 @@ def block_diagonal_mask(
     return mask[None, None]
 
 
-def packed_forward(model: torch.nn.Module, batch, *, attention: str = "position_ids"):
+def packed_forward(model: torch.nn.Module, batch, *, attention: str = "varlen"):
     """Hidden states [N, H] of every token of ``batch`` from one packed forward.
 
     ``model``: a transformers causal LM (``*ForCausalLM``) or its backbone; ``batch``: a
-    StepBatch on the model's device. ``attention``: ``"position_ids"`` (default) or
+    StepBatch on the model's device. ``attention``: ``"varlen"`` (default; switches an
+    sdpa/eager model to ``"steppo_varlen"`` attention in place, see
+    :func:`steppo_fast.varlen_attention.enable_varlen_attention`), ``"position_ids"`` or
     ``"block_mask"`` (see module docstring). Differentiable (train mode works as usual); an
     empty batch gives an empty [0, H] tensor without calling the model.
     """
@@ -69,6 +77,27 @@ def packed_forward(model: torch.nn.Module, batch, *, attention: str = "position_
     if batch.num_tokens == 0:
         return torch.zeros(0, body.config.hidden_size, dtype=param.dtype, device=param.device)
     kwargs = {}
+    if attention == "varlen":
+        from .varlen_attention import enable_varlen_attention, packed_mask_skipped
+
+        if not enable_varlen_attention(body):
+            raise ValueError(
+                f"attention: 'varlen' needs an sdpa, eager or flash-attention model, got "
+                f"{body.config._attn_implementation!r}"
+            )
+        cu = batch.cu_seqlens
+        longest = int(batch.max_seqlen)
+        kwargs.update(
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
+        )
+        with packed_mask_skipped():
+            out = body(
+                input_ids=batch.input_ids[None],
+                position_ids=batch.position_ids[None],
+                use_cache=False,
+                **kwargs,
+            )
+        return out.last_hidden_state[0]
     if attention == "block_mask":
         kwargs["attention_mask"] = block_diagonal_mask(batch.cu_seqlens, dtype=param.dtype)
     out = body(

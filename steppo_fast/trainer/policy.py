@@ -17,9 +17,11 @@
 - :func:`hidden_states`: last hidden states [N, H] of every token of a batch. ``"padded"``
   (default on CPU) runs the R sequences as R right-padded rows with a 2-D padding mask: cost
   R * L_max^2 attention. ``"packed"`` is :func:`steppo_fast.modeling.packed_forward` (one row,
-  ``position_ids`` restarting per sequence, ``use_cache=False``), which uses flash-attention's
-  varlen kernel when installed; with PyTorch attention it costs N^2 (measured here: 3.5 s vs
-  0.3 s padded for 64 sequences of 70 tokens, fwd+bwd), so it is for GPUs.
+  ``position_ids`` restarting per sequence, ``use_cache=False``) with the ``"steppo_varlen"``
+  attention (:mod:`steppo_fast.varlen_attention`: flash-attn's varlen kernel on CUDA when
+  installed, causal SDPA per sequence otherwise; no [N, N] mask). Before it, transformers' packed
+  mask made this N^2: 130 s vs 2.6 s padded for 64 x 400 tokens; now about what padded costs
+  (``bench/bench_packed_forward.py``).
 """
 
 from __future__ import annotations
