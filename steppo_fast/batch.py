@@ -203,7 +203,10 @@ class StepBatch:
     # ------------------------------------------------------------------ derived (cached)
     def _cached(self, key: str, compute: Callable[[], object]):
         if key not in self._cache:
-            self._cache[key] = compute()
+            # never cache an inference tensor (a batch first read under torch.inference_mode,
+            # e.g. for old log-probs, is trained on afterwards)
+            with torch.inference_mode(False):
+                self._cache[key] = compute()
         return self._cache[key]
 
     @property

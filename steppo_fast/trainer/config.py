@@ -148,8 +148,16 @@ class TrainConfig:
     layout: str = knob("auto", "StepBatch layout", choices=("auto", "merged", "rows"))
     forward: str = knob(
         "padded",
-        "training forward: padded (CPU) | packed (flash-attn varlen on GPU)",
+        "training forward: padded (CPU) | packed (one row, varlen attention)",
         choices=("padded", "packed"),
+    )
+    # --- memory levers (docs/trainer.md, "Long contexts")
+    grad_checkpointing: bool = knob(
+        False, "recompute decoder layers in backward (policy, critic, FSDP units)"
+    )
+    dtype: str = knob(
+        "fp32", "fp32 | bf16 (autocast compute; fp32 weights and optimizer state)",
+        choices=("fp32", "bf16"),
     )
     # --- algorithm (None = the algorithm's default, ALGO_DEFAULTS)
     ratio_level: str | None = knob(

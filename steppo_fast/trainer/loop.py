@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, resolve_device
 from .fields import ConfigError
+from .memory import compute_dtype, enable_grad_checkpointing
 from .plot import plot_run
 from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
@@ -97,6 +98,9 @@ class Trainer:
         reference = None
         if cfg.kl_coef != 0:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if cfg.grad_checkpointing:  # before sharding: the FSDP units inherit the wrapping
+            enable_grad_checkpointing(policy)
+            enable_grad_checkpointing(None if critic is None else critic.backbone)
         self.models = Models(policy, critic, reference, forward_mode=cfg.forward, impl=cfg.impl)
         self.optimizer = self.build_optimizer()
         self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -292,20 +296,24 @@ class Trainer:
         return episode_stats(res.trajectories)
 
     # ------------------------------------------------------------------ one iteration
-    @torch.no_grad()
     def score(self, batch, masks) -> tuple[ForwardOut, torch.Tensor | None]:
         """The old policy's log-probs / entropies, the critic's values (step units, token units
         for ``ppo``, none without a critic) and the reference log-probs (``None`` without a KL
-        term) of ``batch``, on :meth:`inference_models`."""
+        term) of ``batch``, on :meth:`inference_models`: under ``torch.inference_mode()`` and
+        ``--dtype``, through the same action-only path as training (no [N, V] logits). The
+        results are cloned out of inference mode (plain fp32 tensors, usable by autograd and
+        in-place collectives)."""
         cfg, models = self.cfg, self.inference_models()
         value_units = None if not cfg.uses_critic else ("token" if cfg.algo == "ppo" else "step")
-        out = forward(models, batch, masks, cfg.temperature, value_units)
-        ref_logp = None
-        if models.reference is not None:
-            ref_logp = reference_logprobs(
-                models.reference, batch, masks, cfg.temperature, models.forward_mode, cfg.impl
-            )
-        return out, ref_logp
+        with torch.inference_mode(), compute_dtype(cfg.dtype, self.device):
+            out = forward(models, batch, masks, cfg.temperature, value_units)
+            ref_logp = None
+            if models.reference is not None:
+                ref_logp = reference_logprobs(
+                    models.reference, batch, masks, cfg.temperature, models.forward_mode, cfg.impl
+                )
+        out = ForwardOut(*(None if t is None else t.clone() for t in vars(out).values()))
+        return out, None if ref_logp is None else ref_logp.clone()
 
     def step(self) -> dict:
         """One iteration: rollout, targets, update. Returns its metrics row."""

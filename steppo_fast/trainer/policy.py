@@ -128,8 +128,10 @@ class Critic(nn.Module):
         return self.backbone is None
 
     def values(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """[len(index)] fp32 values from hidden states [N, H] at token positions ``index``."""
-        return self.head(hidden[index].float()).squeeze(-1)
+        """[len(index)] fp32 values from hidden states [N, H] at token positions ``index``
+        (fp32 even under a bf16 autocast: the head reads ``hidden.float()``)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden[index].float()).squeeze(-1)
 
 
 def hidden_states(

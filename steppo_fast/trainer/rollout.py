@@ -163,7 +163,10 @@ class _Cache:
                 last[i] = n - 1
             pos[i, n:] = max(row.n_cached + n - 1, 0)  # pads: any position, they are masked
             row.n_cached += n
-        ids, real, pos, last = (t.to(self.device) for t in (ids, real, pos, last))
+        # logits only at the columns read below (<= B of them), never [B, width, V]
+        keep = torch.unique(last)  # host: sorted
+        col = torch.searchsorted(keep, last)  # host
+        ids, real, pos, keep, col = (t.to(self.device) for t in (ids, real, pos, keep, col))
         self.mask = real if self.mask is None else torch.cat([self.mask, real], dim=1)
         out = self.model(
             input_ids=ids,
@@ -171,9 +174,10 @@ class _Cache:
             position_ids=pos,
             use_cache=True,
             **{self.kv_keyword: self.kv},
+            logits_to_keep=keep,
         )
         self.calls += 1
-        return out.logits[torch.arange(len(rows), device=self.device), last]
+        return out.logits[torch.arange(len(rows), device=self.device), col]
 
     def keep(self, index: list[int]) -> None:
         """Keep only the rows in ``index`` (finished episodes leave)."""

@@ -20,6 +20,7 @@ from ..ops.loss import loss_normalizer
 from .algorithms import Targets, unit_offsets
 from .config import TrainConfig
 from .masking import masked_logprobs
+from .memory import compute_dtype
 from .policy import Critic, hidden_states
 
 
@@ -51,23 +52,31 @@ def action_logprobs(
     """Log-probs and entropies of the batch's action tokens from the model's LM head.
 
     With grammar ``masks`` [A, V] the distribution is renormalised over the allowed tokens
-    (:func:`masked_logprobs`); without, :func:`steppo_fast.linear_logprobs` (fused, exact)."""
+    (:func:`masked_logprobs`); without, :func:`steppo_fast.linear_logprobs` (fused, exact).
+    bf16 hidden states (``--dtype bf16``) meet the LM head cast to bf16 (a differentiable
+    copy: the gradient reaches the fp32 weight); both paths accumulate in fp32."""
     head = model.get_output_embeddings()
     h = hidden[batch.logit_index]
     bias = getattr(head, "bias", None)
-    if masks is not None:
-        return masked_logprobs(
-            h, head.weight, batch.action_ids, masks, bias=bias, temperature=temperature
+    weight = head.weight
+    if h.dtype == torch.bfloat16 and weight.dtype != h.dtype:
+        weight = weight.to(h.dtype)
+        bias = None if bias is None else bias.to(h.dtype)
+    # the log-prob ops accumulate in fp32 themselves: never under an enclosing bf16 autocast
+    with torch.autocast(h.device.type, enabled=False):
+        if masks is not None:
+            return masked_logprobs(
+                h, weight, batch.action_ids, masks, bias=bias, temperature=temperature
+            )
+        return linear_logprobs(
+            h,
+            weight,
+            batch.action_ids,
+            bias=bias,
+            temperature=temperature,
+            return_entropy=True,
+            impl=impl,
         )
-    return linear_logprobs(
-        h,
-        head.weight,
-        batch.action_ids,
-        bias=bias,
-        temperature=temperature,
-        return_entropy=True,
-        impl=impl,
-    )
 
 
 def forward(
@@ -88,7 +97,6 @@ def forward(
     return ForwardOut(logp.float(), entropy.float(), values)
 
 
-@torch.no_grad()
 def reference_logprobs(
     model: nn.Module,
     batch,
@@ -97,9 +105,13 @@ def reference_logprobs(
     mode: str,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """[A] log-probs of the batch's actions under ``model`` (old or reference policy)."""
-    hidden = hidden_states(model, batch, mode)
-    return action_logprobs(model, hidden, batch, masks, temperature, impl)[0].float()
+    """[A] fp32 log-probs of the batch's actions under ``model`` (old or reference policy),
+    computed under ``torch.inference_mode()`` through the action-only path; returned as a
+    normal tensor (a clone), usable anywhere."""
+    with torch.inference_mode():
+        hidden = hidden_states(model, batch, mode)
+        logp = action_logprobs(model, hidden, batch, masks, temperature, impl)[0].float()
+    return logp.clone()
 
 
 # every stat ppo_update reports (summed over ranks under data parallelism); not the loss's
@@ -191,13 +203,14 @@ def ppo_update(
             for mb, steps, cu_u, cu_t, d in parts:
                 actions = batch.actions_of_steps(steps)
                 units = _unit_index(batch, steps, targets.token_units)
-                out = (forward if sharded is None else sharded.forward)(
-                    models,
-                    mb.batch,
-                    None if masks is None else masks[actions],
-                    cfg.temperature,
-                    value_units,
-                )
+                with compute_dtype(cfg.dtype, mb.batch.input_ids.device):
+                    out = (forward if sharded is None else sharded.forward)(
+                        models,
+                        mb.batch,
+                        None if masks is None else masks[actions],
+                        cfg.temperature,
+                        value_units,
+                    )
                 loss, stats = step_policy_loss(
                     out.logp,
                     old_logp[actions],
