@@ -145,9 +145,7 @@ def test_trainer_grad_checkpointing_flag(tmp_path):
     trainer = Trainer(small_cfg(tmp_path, iters=1, grad_checkpointing=True, kl_coef=1e-3))
     m = trainer.models
     assert all(getattr(x, "_steppo_checkpointed", False) for x in decoder_layers(m.policy))
-    assert all(
-        getattr(x, "_steppo_checkpointed", False) for x in decoder_layers(m.critic.backbone)
-    )
+    assert all(getattr(x, "_steppo_checkpointed", False) for x in decoder_layers(m.critic.backbone))
     # the frozen reference never runs with autograd: not wrapped
     assert not any(getattr(x, "_steppo_checkpointed", False) for x in decoder_layers(m.reference))
     rows = trainer.train(log=lambda s: None)
@@ -167,9 +165,7 @@ def test_bf16_autocast_compute_fp32_logprobs_and_gradients(setup):
     (K = 8 forward levels, plus the bf16 LM head) 4 * EPS16 * sqrt(9) * |logit scale|."""
     policy, critic, res = setup
     seen = []
-    hook = decoder_layers(policy)[0].mlp.register_forward_hook(
-        lambda m, i, o: seen.append(o.dtype)
-    )
+    hook = decoder_layers(policy)[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     out32, g32 = loss_and_grads(policy, critic, res, "padded", "fp32")
     out16, g16 = loss_and_grads(policy, critic, res, "padded", "bf16")
     hook.remove()

@@ -4,6 +4,8 @@
   within 8 steps.
 - ``quest`` (:class:`QuestEnv`): the harder one for comparisons; fetch the right key, open the
   chest, bring the gem; ordered sub-goals, distractors, a step cost, 20 steps.
+- ``haystack`` (:class:`HaystackEnv`): the long-context one; read long pages (600 words each),
+  find the hidden key, submit it; trajectories reach 8k tokens.
 
 Both speak text (see :class:`Env`), declare an action :class:`Grammar` for constrained
 decoding, and use the shipped word-level vocabulary (:func:`default_tokenizer`).
@@ -24,6 +26,7 @@ from .base import (
 )
 from .doors import DoorsEnv
 from .grammar import Grammar
+from .haystack import HaystackEnv, scripted_action
 from .quest import QuestEnv
 from .tokenizer import WordTokenizer, default_tokenizer
 
@@ -36,6 +39,7 @@ __all__ = [
     "checked_state_key",
     "checked_step",
     "Grammar",
+    "HaystackEnv",
     "QuestEnv",
     "WordTokenizer",
     "default_tokenizer",
@@ -44,4 +48,5 @@ __all__ = [
     "random_policy_success_rate",
     "register",
     "run_random_episode",
+    "scripted_action",
 ]
