@@ -28,6 +28,10 @@ Each configuration runs in a fresh process (``--worker``), glibc's mmap threshol
 parameters, gradients (zero-filled) and AdamW state (one step on zero gradients), then resets
 the peak-RSS counter: **workspace = peak RSS during the update - RSS before it**, i.e. memory
 beyond parameters, gradients and optimizer state (activations, logits, attention, temporaries).
+It is recorded per phase (the counter is reset between them): ``fwd_bwd_workspace`` (forward +
+backward, which grows with the context) and ``step_workspace`` (AdamW's temporaries, a constant
+~0.6 GB here: ``foreach=False``, so one parameter's temporaries at a time, the largest being the
+[V, H] embedding and LM head); ``workspace`` is the whole update's.
 The parent polls the child's VmRSS every 20 ms and kills it above ``--rss-limit-gib`` (default
 10: the machine is shared), recording "exceeded"; a run over ``--timeout`` seconds is killed and
 recorded as such. Budgets beyond the limit are answered from a fitted line (workspace = a + b *
@@ -127,7 +131,8 @@ def full_logits_logp(policy, ids, positions, logit_index, targets):
 
 
 def update(method: str, batch, policy, critic, opt, rows_per_micro: int) -> dict:
-    """One update; returns counts of what was computed."""
+    """Forward + backward of one update (gradients accumulated into the resident ``.grad``
+    buffers; the caller runs the optimizer step); returns counts of what was computed."""
     import torch
 
     from steppo_fast import step_policy_loss, value_loss
@@ -147,8 +152,7 @@ def update(method: str, batch, policy, critic, opt, rows_per_micro: int) -> dict
         loss, _ = step_policy_loss(logp, logp.detach(), adv, batch.cu_steps)
         loss = loss + value_loss(values, values.detach(), returns)
         loss.backward()
-        opt.step()
-        return {"tokens": batch.num_tokens, "forwards": 2}
+        return {"tokens": batch.num_tokens, "forwards": 1 if critic.shared else 2}
     # (a) rows: micro-batches of a few step rows; (b) merged: one sequence
     seqs = list(range(batch.num_seqs))
     chunks = [seqs[i : i + rows_per_micro] for i in range(0, len(seqs), rows_per_micro)]
@@ -179,8 +183,7 @@ def update(method: str, batch, policy, critic, opt, rows_per_micro: int) -> dict
             )
             total = total + loss + vl
         total.backward()
-    opt.step()
-    return {"tokens": batch.num_tokens, "forwards": 2 * batch.num_seqs}
+    return {"tokens": batch.num_tokens, "forwards": (1 if critic.shared else 2) * batch.num_seqs}
 
 
 def worker(args) -> None:
@@ -200,9 +203,16 @@ def worker(args) -> None:
     base = harness.rss_bytes()
     cpu0, t0 = time.process_time(), time.perf_counter()
     info = update(args.method, batch, policy, critic, opt, args.rows_per_micro)
+    t1 = time.perf_counter()
+    fwd_bwd = max(0, harness.peak_rss_bytes() - base)
+    gc.collect()
+    harness.reset_peak_rss()
+    base_step = harness.rss_bytes()
+    opt.step()
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    peak = harness.peak_rss_bytes()
+    step = max(0, harness.peak_rss_bytes() - base_step)
+    peak = base + max(fwd_bwd, base_step - base + step)
     finite = all(torch.isfinite(p).all() for p in params)
     print(
         json.dumps(
@@ -216,7 +226,10 @@ def worker(args) -> None:
                 params=n_params,
                 base_rss=base,
                 workspace=max(0, peak - base),
+                fwd_bwd_workspace=fwd_bwd,
+                step_workspace=step,
                 wall_s=wall,
+                fwd_bwd_s=t1 - t0,
                 cores_used=cpu / wall,
                 finite=bool(finite),
             )
