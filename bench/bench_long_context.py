@@ -287,12 +287,16 @@ def main() -> None:
     p.add_argument("--rss-limit-gib", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--name", default="long_context")
+    p.add_argument("--append", action="store_true", help="keep the rows already in the results")
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     rows = []
     path = os.path.join(harness.RESULTS_DIR, f"{args.name}.json")
+    if args.append and os.path.isfile(path):  # add to an earlier grid's rows (same setup)
+        with open(path) as f:
+            rows = json.load(f)["rows"]
     load0 = os.getloadavg()
     for item in args.grid.split(","):
         method, turns, context = item.split(":")

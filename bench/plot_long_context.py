@@ -50,9 +50,12 @@ def main(path: str) -> None:
         "| s/update |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    bases = sorted(r["base_rss"] for r in rows if r["status"] == "ok")
+    base = bases[len(bases) // 2] if bases else 0  # RSS before the update (same in every run)
     for r in rows:
         ok = r["status"] == "ok"
-        ws = f"{r['workspace'] / GIB:.2f}" if ok else f"> {(r['max_rss']) / GIB:.1f} RSS"
+        # a run killed at the RSS limit needed more than limit - base of workspace
+        ws = f"{r['workspace'] / GIB:.2f}" if ok else f"> {(r['max_rss'] - base) / GIB:.1f}"
         fb = f"{r['fwd_bwd_workspace'] / GIB:.2f}" if ok else "-"
         t = f"{r['wall_s']:.0f} ({r['cores_used']:.2f} cores)" if ok else "-"
         tokens = r.get("tokens", "-")

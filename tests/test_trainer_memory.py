@@ -291,9 +291,10 @@ def test_no_full_vocabulary_logits_anywhere_in_an_iteration(tmp_path, monkeypatc
 
 
 def test_grad_checkpointing_under_fsdp2_gives_the_same_update(tmp_path):
-    """FSDP2 on a one-rank gloo group: the checkpointed layers are ``fully_shard`` units (their
-    parameters are gathered again for the recompute); one iteration with and without
-    checkpointing ends with the same parameters, and the layers really were recomputed."""
+    """FSDP2 on a one-rank gloo group, packed (varlen) forward: the checkpointed layers are
+    ``fully_shard`` units (their parameters are gathered again for the recompute); one
+    iteration with and without checkpointing ends with the same parameters, and the layers
+    really were recomputed."""
     import torch.distributed as dist
 
     from steppo_fast.trainer import distributed
@@ -305,7 +306,13 @@ def test_grad_checkpointing_under_fsdp2_gives_the_same_update(tmp_path):
         comm = distributed.Comm(0, 1, torch.device("cpu"))
         params, counts = {}, {}
         for ckpt in (False, True):
-            cfg = small_cfg(tmp_path / str(ckpt), iters=1, shard="fsdp", grad_checkpointing=ckpt)
+            cfg = small_cfg(
+                tmp_path / str(ckpt),
+                iters=1,
+                shard="fsdp",
+                grad_checkpointing=ckpt,
+                forward="packed",
+            )
             trainer = distributed.DistributedTrainer(cfg, comm)
             calls, _ = count_mlp_calls(trainer.sharded.root.policy)
             trainer.step()
