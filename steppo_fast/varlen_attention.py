@@ -8,9 +8,9 @@ receives the offsets (the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q
 ``max_length_k`` keyword arguments that transformers forwards to flash-attention) and attends
 within each sequence only:
 
-- CUDA with ``flash_attn`` installed: ``flash_attn_varlen_func`` on the [N, heads, D] tensors
-  (causal). **Not run here** (no GPU in this project): written to flash-attn's documented
-  signature, untested.
+- CUDA with ``flash_attn`` installed and fp16/bf16 tensors: ``flash_attn_varlen_func`` on the
+  [N, heads, D] tensors (causal). **Not run here** (no GPU in this project): written to
+  flash-attn's documented signature, untested.
 - otherwise (CPU; CUDA without flash-attn): causal ``scaled_dot_product_attention`` on each
   sequence's slice, ``sum_r L_r^2`` work and O(N) memory beyond the per-sequence kernel (the CPU
   SDPA kernel is a flash-style kernel with O(L) workspace when no mask is given).
@@ -103,7 +103,8 @@ def varlen_attention_forward(
     n = query.shape[2]
     if int(cu[-1]) != n:
         raise ValueError(f"cu_seq_lens_q: ends at {int(cu[-1])}, but the row has {n} tokens")
-    flash = _flash_varlen() if query.is_cuda else None
+    half = query.dtype in (torch.float16, torch.bfloat16)  # flash-attn has no fp32 kernel
+    flash = _flash_varlen() if query.is_cuda and half else None
     if flash is not None:  # pragma: no cover - needs a GPU and flash-attn
         max_len = kwargs.get("max_length_q") or int(cu.diff().max())
         cu32 = cu.to(torch.int32)
