@@ -226,7 +226,9 @@ def test_bf16_training_runs_without_nan_and_keeps_fp32_state(tmp_path):
 
 
 def test_dtype_flag_is_validated(tmp_path):
-    with pytest.raises(ValueError, match="--dtype: 'fp16' is not one of"):
+    with pytest.raises(
+        ValueError, match="--dtype: must be one of fp32, bf16, got the string 'fp16'"
+    ):
         small_cfg(tmp_path, dtype="fp16").resolved()
 
 
