@@ -111,6 +111,7 @@ def main(path: str) -> None:
         mine = [r for r in rows if r["method"] == method and r["status"] == "ok"]
         if not mine:
             continue
+        mine = sorted(mine, key=lambda r: (r["turns"], r["context"]))
         xs = [r["context"] for r in mine]
         axes[0].plot(xs, [r["workspace"] / GIB for r in mine], "o-", label=label)
         axes[1].plot(xs, [r["wall_s"] for r in mine], "o-", label=label)
