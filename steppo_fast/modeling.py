@@ -36,6 +36,17 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "base_model", model)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF model: modules whose class is in ``_no_split_modules``
+    (e.g. ``Qwen2DecoderLayer``), else the children of ``.layers`` (the units of activation
+    checkpointing and of FSDP sharding)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found and hasattr(backbone(model), "layers"):
+        found = list(backbone(model).layers)
+    return found
+
+
 def block_diagonal_mask(
     cu_seqlens: torch.Tensor, *, dtype: torch.dtype = torch.float32, device=None
 ) -> torch.Tensor:

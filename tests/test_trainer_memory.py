@@ -12,9 +12,9 @@ import torch
 
 from steppo_fast import StepBatch
 from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
+from steppo_fast.modeling import decoder_layers
 from steppo_fast.trainer import update as update_mod
 from steppo_fast.trainer.config import TrainConfig
-from steppo_fast.trainer.fsdp import decoder_layers
 from steppo_fast.trainer.loop import Trainer
 from steppo_fast.trainer.memory import compute_dtype, enable_grad_checkpointing
 from steppo_fast.trainer.policy import Critic, build_policy

@@ -54,18 +54,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import StepBatch
-from ..modeling import backbone
+from ..modeling import decoder_layers
 from .update import ForwardOut, Models, forward
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of an HF model: modules whose class is in ``_no_split_modules``
-    (e.g. ``Qwen2DecoderLayer``), else the children of ``.layers``."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    found = [m for m in model.modules() if type(m).__name__ in names]
-    if not found and hasattr(backbone(model), "layers"):
-        found = list(backbone(model).layers)
-    return found
 
 
 class TrainRoot(nn.Module):

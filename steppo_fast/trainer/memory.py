@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..modeling import decoder_layers
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -32,8 +34,6 @@ def enable_grad_checkpointing(model: nn.Module | None) -> int:
     checkpointing. Returns the number of layers wrapped (0 for ``None``)."""
     if model is None:
         return 0
-    from .fsdp import decoder_layers
-
     layers = decoder_layers(model)
     for layer in layers:
         if getattr(layer, "_steppo_checkpointed", False):
