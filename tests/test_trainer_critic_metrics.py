@@ -66,9 +66,9 @@ def test_undefined_and_bad_input():
         critic_sums(torch.zeros(3), torch.zeros(4), torch.zeros(3))
 
 
-def small_cfg(tmp_path, **kw) -> TrainConfig:
+def small_cfg(tmp_path, **kw) -> TrainConfig:  # tmp_path None: kw gives out
     base = dict(
-        out=str(tmp_path / "run"),
+        out=None if tmp_path is None else str(tmp_path / "run"),
         env="doors1cm",
         iters=2,
         groups=4,
@@ -138,3 +138,40 @@ def test_critic_warmup_flag_and_errors(tmp_path, capsys):
         small_cfg(tmp_path, algo="grpo", critic_warmup=2).resolved()
     with pytest.raises(ConfigError, match="--critic-warmup"):
         small_cfg(tmp_path, critic_warmup=-1).resolved()
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One iteration of a 2-rank data-parallel run (replicas); saves this rank's row and the
+    local critic statistics it contributed."""
+    import os
+
+    import torch.distributed as dist
+
+    import steppo_fast.trainer.distributed as D
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    local = []
+    D.critic_sums = lambda *a, f=D.critic_sums: local.append(f(*a)) or local[-1]
+    cfg = small_cfg(tmp_path=None, iters=1, shard="none", out=os.path.join(out_dir, "run"))
+    trainer = D.DistributedTrainer(cfg, D.Comm(rank, world))
+    trainer.train(log=lambda *_: None)
+    torch.save({"row": trainer.rows[-1], "local": local}, os.path.join(out_dir, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_report_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(2))
+    (s0,), (s1,) = r0["local"], r1["local"]
+    assert s0[0] > 0 and s1[0] > 0  # each rank held part of the batch
+    want = critic_fields([a + b for a, b in zip(s0, s1)])
+    for key in KEYS:
+        assert r0["row"][key] == r1["row"][key]
+        # float64 all-reduce of 2 terms: exact up to one rounding of each sum
+        if want[key] is None:
+            assert r0["row"][key] is None
+        else:
+            assert r0["row"][key] == pytest.approx(want[key], rel=1e-12, abs=1e-12)
