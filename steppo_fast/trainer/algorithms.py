@@ -35,6 +35,7 @@ class Targets:
     returns: torch.Tensor | None  # [U] critic targets (critic algorithms)
     old_values: torch.Tensor | None  # [U] critic values at rollout time
     token_units: bool  # True: units are action tokens (ppo)
+    raw_advantages: torch.Tensor | None = None  # [U] before whitening (critic algorithms)
 
 
 def token_rewards(batch) -> torch.Tensor:
@@ -55,7 +56,7 @@ def compute_targets(cfg: TrainConfig, batch, values: torch.Tensor | None) -> Tar
         adv, ret = step_gae(
             batch.rewards, values, batch.cu_trajs, gamma=cfg.gamma, lam=cfg.lam, impl=impl
         )
-        return Targets(whiten(adv, impl=impl), ret, values, token_units=False)
+        return Targets(whiten(adv, impl=impl), ret, values, token_units=False, raw_advantages=adv)
     if algo == "ppo":
         adv, ret = step_gae(
             token_rewards(batch),
@@ -65,7 +66,7 @@ def compute_targets(cfg: TrainConfig, batch, values: torch.Tensor | None) -> Tar
             lam=cfg.lam,
             impl=impl,
         )
-        return Targets(whiten(adv, impl=impl), ret, values, token_units=True)
+        return Targets(whiten(adv, impl=impl), ret, values, token_units=True, raw_advantages=adv)
     if algo in ("grpo", "gspo"):
         scores = discounted_returns(batch.rewards, batch.cu_trajs, gamma=cfg.gamma, impl=impl)
         first = batch.cu_trajs[:-1].long()

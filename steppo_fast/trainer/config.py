@@ -179,6 +179,9 @@ class TrainConfig:
     # --- optimisation
     lr: float = knob(1e-3, "policy learning rate (AdamW)", ge=0)
     critic_lr: float = knob(1e-3, "critic learning rate (AdamW)", ge=0)
+    critic_warmup: int = knob(
+        0, "first N iterations update only the critic (critic algorithms)", ge=0
+    )
     weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = knob(1.0, "gradient norm clip (0 = off)", ge=0)
     epochs: int = knob(2, "PPO epochs over each batch", ge=1)
@@ -203,6 +206,11 @@ class TrainConfig:
                 setattr(cfg, key, value)
         if not cfg.out:
             cfg.out = os.path.join("runs", f"{cfg.env}-{cfg.algo}-s{cfg.seed}")
+        if cfg.critic_warmup and not cfg.uses_critic:
+            raise ConfigError(
+                f"--critic-warmup: needs an algorithm with a critic ({', '.join(CRITIC_ALGOS)}), "
+                f"got {cfg.critic_warmup} with --algo {cfg.algo}"
+            )
         if cfg.hidden_size % cfg.num_heads:
             raise ConfigError(
                 f"--hidden-size: must be a multiple of --num-heads ({cfg.num_heads}), "

@@ -48,6 +48,7 @@ from .. import StepBatch, step_gae
 from .algorithms import Targets, compute_targets, token_rewards
 from .checkpoint import has_checkpoint, write_checkpoint
 from .config import TrainConfig, resolve_device
+from .critic_metrics import critic_fields, critic_sums
 from .loop import (
     Trainer,
     episode_stats,
@@ -191,7 +192,9 @@ def compute_targets_global(cfg: TrainConfig, batch, values, comm: Comm | None) -
     else:
         rewards, offsets = token_rewards(batch), batch.token_traj_offsets
     adv, ret = step_gae(rewards, values, offsets, gamma=cfg.gamma, lam=cfg.lam, impl=cfg.impl)
-    return Targets(global_whiten(adv, comm), ret, values, token_units=cfg.algo == "ppo")
+    return Targets(
+        global_whiten(adv, comm), ret, values, token_units=cfg.algo == "ppo", raw_advantages=adv
+    )
 
 
 class DistributedTrainer(Trainer):
@@ -306,6 +309,7 @@ class DistributedTrainer(Trainer):
                 comm=comm,
                 traj_ids=global_traj_ids(mine, cfg.group_size),
                 sharded=self.sharded,
+                train_policy=it >= cfg.critic_warmup,
             )
         if self.sharded is not None:
             self.sharded.refresh()  # rollouts, evaluation and checkpoints read the full copy
@@ -337,4 +341,7 @@ class DistributedTrainer(Trainer):
             logp_diff=max_diff,
             ranks=comm.world,
         )
+        if targets.returns is not None:  # summed statistics: the global batch's metrics
+            sums = critic_sums(targets.returns, targets.old_values, targets.raw_advantages)
+            row.update(critic_fields(comm.all_reduce_sum(sums)))
         return row

@@ -45,6 +45,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import TrainConfig, resolve_device
+from .critic_metrics import critic_fields, critic_sums
 from .fields import ConfigError
 from .memory import compute_dtype, enable_grad_checkpointing
 from .plot import plot_run
@@ -346,10 +347,14 @@ class Trainer:
                 ref_logp,
                 self.shuffle_gen,
                 on_step=bar.update,
+                train_policy=it >= cfg.critic_warmup,
             )
         t2 = time.perf_counter()
         self.iteration += 1
         row = {"iter": self.iteration, **episode_stats(res.trajectories)}
+        if targets.returns is not None:
+            sums = critic_sums(targets.returns, targets.old_values, targets.raw_advantages)
+            row.update(critic_fields(sums))
         row.update(
             tokens=batch.num_tokens,
             action_tokens=batch.num_actions,

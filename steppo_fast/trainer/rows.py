@@ -54,7 +54,12 @@ def summary_line(row: dict, iters: int) -> str:
         text += f" | held-out succ {row['eval_success_rate']:.2f}"
     text += (
         f" | pol {f('policy_loss', '+.4f')} val {f('value_loss', '.4f')}"
-        f" clip {f('clip_frac', '.3f')} kl {f('kl', '.4f')} ent {f('entropy', '.3f')}"
+        + (
+            f" ev {f('critic/explained_var', '+.2f')} astd {f('critic/adv_std', '.3f')}"
+            if "critic/adv_std" in row
+            else ""
+        )
+        + f" clip {f('clip_frac', '.3f')} kl {f('kl', '.4f')} ent {f('entropy', '.3f')}"
         f" | {row['tokens']} tok | {row['iter_s']:.1f}s (roll {row['rollout_s']:.1f}"
         f" upd {row['update_s']:.1f}) total {row['wall_s']:.0f}s"
     )

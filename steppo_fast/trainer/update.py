@@ -145,6 +145,7 @@ def ppo_update(
     comm=None,
     traj_ids: torch.Tensor | None = None,
     sharded=None,
+    train_policy: bool = True,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes over ``batch``; each pass splits the trajectories at random into
     ``cfg.minibatches`` mini-batches (one optimizer step each; ``on_step(1)`` after each, for
@@ -160,7 +161,11 @@ def ppo_update(
     FSDP (``sharded``, a :class:`steppo_fast.trainer.fsdp.ShardedModels`, with ``comm``): the
     micro-batch forwards run through its sharded module, every rank pads its micro-batches of a
     mini-batch to the largest count over ranks with zero-loss dummy forward/backwards (FSDP's
-    collectives must match), and FSDP reduce-scatters the gradients as sums."""
+    collectives must match), and FSDP reduce-scatters the gradients as sums.
+
+    ``train_policy=False`` (critic warm-up, ``--critic-warmup``): only the value loss is
+    back-propagated (the policy loss and its stats are still computed and reported); a separate
+    critic leaves the policy's gradients ``None``, so AdamW does not touch the policy."""
     value_units = (
         ("token" if targets.token_units else "step") if targets.returns is not None else None
     )
@@ -229,7 +234,7 @@ def ppo_update(
                     normalizer=norm,
                     impl=cfg.impl,
                 )
-                total = loss
+                total = loss if train_policy else None
                 if value_units is not None:
                     vloss = value_loss(
                         out.values,
@@ -239,10 +244,12 @@ def ppo_update(
                         normalizer=float(n_values),
                         impl=cfg.impl,
                     )
-                    total = total + cfg.vf_coef * vloss
+                    vterm = cfg.vf_coef * vloss
+                    total = vterm if total is None else total + vterm
                     n_mb = cu_u.numel() - 1
                     add("value_loss", float(vloss.detach()) * n_values / max(n_mb, 1), n_mb)
-                total.backward()
+                if total is not None:
+                    total.backward()
                 add("policy_loss", float(loss.detach()) * norm / max(d, 1e-12), d)
                 for key in ("clip_frac", "approx_kl", "ratio_mean"):
                     add(key, stats[key], d)
