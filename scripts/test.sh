@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 if [ "${SECOND_CODE_PATH:-1}" != 0 ]; then
   echo "numeric tests again under another CPU code path"

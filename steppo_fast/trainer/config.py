@@ -156,7 +156,8 @@ class TrainConfig:
         False, "recompute decoder layers in backward (policy, critic, FSDP units)"
     )
     dtype: str = knob(
-        "fp32", "fp32 | bf16 (autocast compute; fp32 weights and optimizer state)",
+        "fp32",
+        "fp32 | bf16 (autocast compute; fp32 weights and optimizer state)",
         choices=("fp32", "bf16"),
     )
     # --- algorithm (None = the algorithm's default, ALGO_DEFAULTS)
