@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 from _tolerance import assert_close_to_oracle, assert_within, sum_error, unit_roundoff
+from _trainer_setup import register_one_door, tiny_policy
+from _trainer_setup import small_cfg as _small_cfg
 
 from steppo_fast import StepBatch, linear_logprobs
-from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
+from steppo_fast.envs import default_tokenizer, make_env
 from steppo_fast.trainer.algorithms import compute_targets
 from steppo_fast.trainer.config import ALGOS, TrainConfig
 from steppo_fast.trainer.loop import Trainer
@@ -24,26 +26,11 @@ pytest.importorskip("transformers")
 ATOL = 1e-5  # fp32 (tests/conftest.py TOL[torch.float32]); KV-cached vs packed forward
 
 # A one-door corridor: random success ~23%, so a few episodes already carry a learning signal.
-register("doors1", lambda: DoorsEnv(n_doors=1, max_steps=3))
+register_one_door("doors1")
 
 
 def small_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        out=str(tmp_path / "run"),
-        env="doors1",
-        iters=2,
-        groups=4,
-        group_size=4,
-        hidden_size=32,
-        num_heads=2,
-        eval_every=0,
-        plot=False,
-        progress=False,
-        checkpoint_every=1,
-        micro_batch_tokens=512,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return _small_cfg(tmp_path, "doors1", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +40,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def policy(tok):
-    torch.manual_seed(3)
-    return build_policy(TrainConfig(hidden_size=32, num_heads=2).resolved(), tok).eval()
+    return tiny_policy(tok)
 
 
 @pytest.fixture(scope="module")

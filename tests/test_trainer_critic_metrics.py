@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from _trainer_setup import register_one_door
+from _trainer_setup import small_cfg as _small_cfg
 
-from steppo_fast.envs import DoorsEnv, register
 from steppo_fast.trainer.cli import main
 from steppo_fast.trainer.config import TrainConfig
 from steppo_fast.trainer.critic_metrics import KEYS, critic_fields, critic_sums
@@ -20,7 +21,7 @@ from steppo_fast.trainer.rows import summary_line
 pytest.importorskip("transformers")
 
 # one door, random success ~23%: iteration 1 already has unequal returns
-register("doors1cm", lambda: DoorsEnv(n_doors=1, max_steps=3))
+register_one_door("doors1cm")
 
 
 def fields_of(r, v, a) -> dict:
@@ -66,22 +67,8 @@ def test_undefined_and_bad_input():
         critic_sums(torch.zeros(3), torch.zeros(4), torch.zeros(3))
 
 
-def small_cfg(tmp_path, **kw) -> TrainConfig:  # tmp_path None: kw gives out
-    base = dict(
-        out=None if tmp_path is None else str(tmp_path / "run"),
-        env="doors1cm",
-        iters=2,
-        groups=4,
-        group_size=4,
-        hidden_size=32,
-        num_heads=2,
-        eval_every=0,
-        plot=False,
-        progress=False,
-        micro_batch_tokens=512,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+def small_cfg(tmp_path, **kw) -> TrainConfig:
+    return _small_cfg(tmp_path, "doors1cm", **kw)
 
 
 @pytest.mark.parametrize("algo", ["steppo", "ppo"])

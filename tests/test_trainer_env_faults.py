@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 from _fault_envs import Faulty
+from _trainer_setup import tiny_policy
 
 from steppo_fast.envs import EnvError, default_tokenizer, run_random_episode
 from steppo_fast.envs.grammar import Grammar
-from steppo_fast.trainer.config import TrainConfig
-from steppo_fast.trainer.policy import build_policy
 from steppo_fast.trainer.rollout import rollout
 
 pytest.importorskip("transformers")
@@ -26,8 +25,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def policy(tok):
-    torch.manual_seed(3)
-    return build_policy(TrainConfig(hidden_size=32, num_heads=2).resolved(), tok).eval()
+    return tiny_policy(tok)
 
 
 def play(policy, tok, make, n=3):

@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
+from _trainer_setup import register_one_door
+from _trainer_setup import small_cfg as _small_cfg
 
 from steppo_fast import StepBatch
-from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
+from steppo_fast.envs import default_tokenizer, make_env
 from steppo_fast.modeling import decoder_layers
 from steppo_fast.trainer import update as update_mod
 from steppo_fast.trainer.config import TrainConfig
@@ -26,26 +28,11 @@ pytest.importorskip("transformers")
 EPS32 = torch.finfo(torch.float32).eps
 EPS16 = torch.finfo(torch.bfloat16).eps  # 2^-7: twice bf16's unit roundoff
 
-register("doors1m", lambda: DoorsEnv(n_doors=1, max_steps=3))
+register_one_door("doors1m")
 
 
 def small_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        out=str(tmp_path / "run"),
-        env="doors1m",
-        iters=2,
-        groups=4,
-        group_size=4,
-        hidden_size=32,
-        num_heads=2,
-        eval_every=0,
-        plot=False,
-        progress=False,
-        checkpoint_every=1,
-        micro_batch_tokens=512,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return _small_cfg(tmp_path, "doors1m", **kw)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import torch
 
 pytest.importorskip("transformers")
 
+from _trainer_setup import tiny_policy
+
 from steppo_fast import StepBatch, linear_logprobs  # noqa: E402
 from steppo_fast.envs import default_tokenizer, make_env  # noqa: E402
-from steppo_fast.trainer.config import TrainConfig  # noqa: E402
-from steppo_fast.trainer.policy import build_policy, hidden_states  # noqa: E402
+from steppo_fast.trainer.policy import hidden_states  # noqa: E402
 from steppo_fast.trainer.rollout import cache_keyword, rollout  # noqa: E402
 
 ATOL = 1e-5  # fp32 (tests/conftest.py TOL[torch.float32]): KV-cached vs packed forward
@@ -29,8 +30,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def policy(tok):
-    torch.manual_seed(3)
-    return build_policy(TrainConfig(hidden_size=32, num_heads=2).resolved(), tok).eval()
+    return tiny_policy(tok)
 
 
 def test_rollout_warns_nothing_and_matches_the_training_forward(policy, tok):
