@@ -6,7 +6,7 @@ arguments minus ``impl`` and taking already-validated inputs:
 - ``"torch"``  -> :mod:`steppo_fast.reference` (pure PyTorch; the spec; every device)
 - ``"triton"`` -> :mod:`steppo_fast.kernels` (CUDA tensors; CPU tensors only when the Triton
   interpreter is on, i.e. ``TRITON_INTERPRET=1`` was set before triton was imported)
-- ``"cpp"``    -> :mod:`steppo_fast.cpu` (C++/OpenMP extension ``steppo_fast._C``, CPU tensors)
+- ``"cpp"``    -> :mod:`steppo_fast.cpu` (C++ extension ``steppo_fast._C``, CPU tensors)
 
 ``impl="auto"`` picks Triton for CUDA tensors, C++ for CPU tensors when it is built (else the
 reference, with a one-time warning), and falls back to the reference for an op a backend lacks.

@@ -1,6 +1,6 @@
 """Shared helpers for the C++ backend tests (tests/test_cpp_*.py): the skip marker when the
 extension is not built, CSR layouts (ragged, with empty segments, long, large enough to use
-several OpenMP chunks), and comparison against the torch reference evaluated in float64.
+several thread-pool chunks), and comparison against the torch reference evaluated in float64.
 
 Comparing against the reference on the same input values upcast to fp64 measures the kernel's
 error against the exact result of the spec's math. The C++ kernels accumulate in double and
@@ -59,7 +59,7 @@ def ragged_lengths(gen: torch.Generator, count: int, low: int, high: int) -> tor
 
 
 # Named layouts of segment lengths (a trajectory's steps, or a step's tokens). The large ones
-# (> 2**16 entries) split into several OpenMP chunks, and their segments cross chunk
+# (> 2**16 entries) split into several thread-pool chunks, and their segments cross chunk
 # boundaries; "long_tokens" is token-level GAE with trajectories of 60k-70k tokens.
 def layout(name: str, gen: torch.Generator) -> torch.Tensor:
     if name == "hand":

@@ -20,7 +20,7 @@ def _seed():
 
 # Modules that run (tiny) transformers models: one torch thread. Small models are fastest on one
 # thread, and two threads on a loaded 2-vCPU machine made them up to ~10x slower; the kernel and
-# C++ tests keep the default thread count (their OpenMP paths are what they test). The count is
+# C++ tests keep the default thread count (their threaded paths are what they test). The count is
 # restored after each test, so the result does not depend on test order (Trainer sets it too).
 ONE_THREAD_MODULES = ("test_trainer", "test_layouts_model", "test_distributed")
 

@@ -1,6 +1,6 @@
 """C++ backend (impl="cpp") of step_gae, discounted_returns, whiten and group_advantages
 against the torch reference: every layout edge case (one-step trajectories, empty
-trajectories and batches, 5000-step and 130k-token trajectories split across OpenMP chunks),
+trajectories and batches, 5000-step and 130k-token trajectories split across thread-pool chunks),
 every input dtype, int32/int64 offsets, fp64 gradchecks and gradients at multi-chunk sizes."""
 
 import pytest

@@ -1,6 +1,6 @@
 """C++ backend (impl="cpp") of segment_sum, segment_mean and segment_broadcast against the
 torch reference: one-token and empty segments (leading, inner, trailing), a 130k-entry
-segment and 40k short segments spread over several OpenMP chunks, empty axes, every input
+segment and 40k short segments spread over several thread-pool chunks, empty axes, every input
 dtype, int32/int64 offsets; fp64 gradchecks and multi-chunk gradients."""
 
 import pytest
