@@ -147,4 +147,32 @@ class QuestEnv:
         return "chest opens . took gem ."
 
 
+def scripted_action(observations: list[str]) -> str:
+    """The optimal next action given the episode's observations so far (the first one from
+    ``reset`` states the task). Stateless: the plan is re-read from the first observation and
+    the progress from the history (the current room from the newest ``at <room> :``; the key
+    once ``took <colour> key .`` was seen; the gem once ``chest opens``), so it also acts
+    optimally from states a noisy or random prefix led to."""
+    first = observations[0].split()
+    if len(first) < 14 or first[:2] != ["task", ":"]:
+        raise ValueError("quest scripted_action: observations[0] is not a task statement")
+    colour, key_room, chest_room, target = first[2], first[5], first[9], first[13]
+    room, has_key, has_gem = None, False, False
+    for text in observations:
+        words = text.split()
+        for i in range(len(words) - 1):
+            if words[i] == "at" and words[i + 1] in ROOMS and i + 2 < len(words):
+                if words[i + 2] == ":":
+                    room = words[i + 1]
+        has_key = has_key or f"took {colour} key" in text
+        has_gem = has_gem or text.startswith("chest opens")
+    if room is None:
+        raise ValueError("quest scripted_action: no observation says where the agent is")
+    if has_gem:
+        return f"go {target}"
+    if has_key:
+        return "open chest" if room == chest_room else f"go {chest_room}"
+    return f"take {colour}" if room == key_room else f"go {key_room}"
+
+
 register("quest", QuestEnv)

@@ -4,6 +4,8 @@
 
     steppo train [--algo steppo] [--env doors] [--model tiny|PATH] [--iters N] [--seed S]
                  [--out DIR] [--resume] [--config FILE.yaml] [--<any TrainConfig field> ...]
+    steppo sft [--env quest] [--out DIR] [--demos N] [--steps K] [--noise-frac P] [--batch B]
+               [--sft-lr LR] [--<model/env TrainConfig field> ...]   (then: train --init DIR/model)
     steppo eval RUN_DIR [--episodes N] [--sample] [--device cpu]
     steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 3] [--env quest] [--iters N]
                    [--out DIR] [--<any TrainConfig field> ...]
@@ -22,7 +24,10 @@ import os
 import sys
 
 from .config import ALGOS, TrainConfig, add_arguments, config_from_args
-from .fields import ConfigError
+from .fields import ConfigError, check_fields, field_type, flag_of, help_of, rule_of
+
+# TrainConfig fields steppo sft has no use for (RL algorithm and run-loop knobs)
+SFT_SKIP = ("algo", "iters", "resume", "critic", "critic_lr", "critic_warmup", "eval_every")
 
 
 def _count(minimum: int):
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a policy (default: StepPO on doors, tiny model)")
     train.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig fields")
     add_arguments(train)
+
+    sft = sub.add_parser("sft", help="behaviour-clone the env's scripted solver (warm start)")
+    add_arguments(sft, skip=SFT_SKIP)
+    add_sft_arguments(sft)
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out seeds")
     ev.add_argument("run_dir", metavar="RUN_DIR")
@@ -118,6 +127,45 @@ def _resume_config(args, cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict({**given, "resume": True, "out": run_dir}, base)
 
 
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~.sft.SFTConfig` field (checked by :func:`_cmd_sft`)."""
+    import dataclasses
+
+    from .sft import SFTConfig
+
+    for f in dataclasses.fields(SFTConfig):
+        kind, _ = field_type(SFTConfig, f.name)
+        text = f"{help_of(f)}; {rule_of(f).describe()}; default: {f.default}"
+        parser.add_argument(
+            flag_of(f.name),
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=kind.__name__.upper(),
+            help=text,
+        )
+
+
+def _cmd_sft(args) -> int:
+    import dataclasses
+
+    from .sft import SFTConfig, run_sft
+
+    names = [f.name for f in dataclasses.fields(SFTConfig)]
+    sft = SFTConfig(**check_fields(SFTConfig, {k: getattr(args, k) for k in names if k in args}))
+    cfg = config_from_args(args)
+    if "env" not in vars(args) and not getattr(args, "config", None):
+        cfg.env = "quest"
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{cfg.env}-sft-s{cfg.seed}")
+    print(f"steppo sft: {cfg.env}, {sft.demos} demonstrations, {sft.steps} steps -> {cfg.out}")
+    summary, _ = run_sft(cfg, sft)
+    print(
+        f"done: {cfg.out}/model, sft.json (demonstration NLL {summary['demo_nll_before']:.3f} -> "
+        f"{summary['demo_nll_after']:.3f}); start RL with: steppo train --init {cfg.out}/model"
+    )
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_run
 
@@ -149,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steppo`` console script. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    commands = {
+        "train": _cmd_train,
+        "sft": _cmd_sft,
+        "eval": _cmd_eval,
+        "compare": _cmd_compare,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

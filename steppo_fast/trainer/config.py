@@ -109,6 +109,11 @@ class TrainConfig:
         check=bool,
         text="a non-empty string",
     )
+    init: str = knob(
+        "",
+        "start the policy (and a separate critic's backbone; value head zero) from this model "
+        'folder, e.g. the RUN_DIR/model of steppo sft; "" = --model as built',
+    )
     iters: int = knob(50, "training iterations (rollout + update)", ge=1)
     seed: int = knob(
         0,

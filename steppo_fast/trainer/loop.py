@@ -54,6 +54,7 @@ from .rollout import rollout
 from .rows import episode_stats, mean_ref_kl, summary_line, update_fields
 from .runfiles import clean_orphans, read_metrics, replace_dir, write_metrics
 from .update import ForwardOut, Models, forward, ppo_update, reference_logprobs
+from .warmstart import load_init
 
 EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
 __all__ = [  # (CHECKPOINT, episode_stats, ... are imported from here by other modules)
@@ -92,6 +93,8 @@ class Trainer:
         random.seed(cfg.seed)
         # initialised on the CPU (the same weights on every device), then moved
         policy = build_policy(cfg, self.tokenizer).eval()
+        if cfg.init:  # before the critic and the reference copy it (steppo sft's warm start)
+            load_init(policy, cfg.init)
         critic = Critic(policy, shared=cfg.critic == "shared").eval() if cfg.uses_critic else None
         policy.to(self.device)
         if critic is not None:
