@@ -118,3 +118,31 @@ def test_missing_or_mismatched_init_is_a_one_line_error(tmp_path, capsys):
     assert main(argv + ["--arch", "llama", "--hidden-size", "32", "--num-heads", "2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--init" in err, err
+
+
+def _oracle_nll(policy, trajs, masks) -> torch.Tensor:
+    """Token-mean NLL of the action tokens, one plain HF forward per step: full logits, the
+    grammar mask applied by hand, ``log_softmax`` (no steppo_fast op, no StepBatch)."""
+    terms, rows = [], iter(torch.cat(masks))
+    for t in trajs:
+        for s in t["steps"]:
+            ids = torch.tensor([s["prompt_ids"] + s["action_ids"]])
+            logits = policy(input_ids=ids).logits[0].float()
+            for j, a in enumerate(s["action_ids"]):
+                row = logits[len(s["prompt_ids"]) - 1 + j].masked_fill(~next(rows), -torch.inf)
+                terms.append(-torch.log_softmax(row, -1)[a])
+    return torch.stack(terms).mean()
+
+
+def test_sft_objective_is_the_action_token_nll(tmp_path):
+    """The objective sft minimises and reports equals an independent per-step computation."""
+    from tests._tolerance import pair_tol
+
+    cfg = _cfg(tmp_path).resolved()
+    summary, policy = run_sft(cfg, SFTConfig(demos=4, steps=3, batch=2), log=None)
+    trajs, masks = demonstrations(cfg, SFTConfig(demos=4), build_tokenizer(cfg))
+    with torch.no_grad():
+        want = _oracle_nll(policy, trajs, masks)
+    # two fp32 evaluations of the same forward, reductions of <= 4 H L + V terms
+    atol, rtol = pair_tol(torch.float32, 4 * cfg.hidden_size * cfg.num_layers + 64, float(want))
+    torch.testing.assert_close(torch.tensor(summary["demo_nll_after"]), want, atol=atol, rtol=rtol)
