@@ -136,7 +136,7 @@ def _oracle_nll(policy, trajs, masks) -> torch.Tensor:
 
 def test_sft_objective_is_the_action_token_nll(tmp_path):
     """The objective sft minimises and reports equals an independent per-step computation."""
-    from tests._tolerance import pair_tol
+    from _tolerance import pair_tol
 
     cfg = _cfg(tmp_path).resolved()
     summary, policy = run_sft(cfg, SFTConfig(demos=4, steps=3, batch=2), log=None)

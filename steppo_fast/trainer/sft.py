@@ -130,10 +130,11 @@ def run_sft(cfg: TrainConfig, sft: SFTConfig, log=print) -> tuple[dict, torch.nn
     with torch.no_grad():
         before = float(demo_nll(policy, trajectories, masks, cfg))
     opt = torch.optim.AdamW(policy.parameters(), lr=sft.sft_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # host-side: picks list indices
     policy.train()
     for step in range(sft.steps):
-        pick = torch.randint(len(trajectories), (min(sft.batch, len(trajectories)),), generator=gen)
+        size = (min(sft.batch, len(trajectories)),)
+        pick = torch.randint(len(trajectories), size, generator=gen, device="cpu").tolist()
         loss = demo_nll(policy, [trajectories[i] for i in pick], [masks[i] for i in pick], cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
