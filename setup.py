@@ -55,6 +55,7 @@ KERNEL_PACKAGES = ["steppo_fast.kernels", *(f"steppo_fast.kernels.{f}" for f in 
 setup(
     packages=[
         "steppo_fast",
+        "steppo_fast.batch",
         "steppo_fast.reference",
         "steppo_fast.ops",
         "steppo_fast.trainer",

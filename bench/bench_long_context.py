@@ -136,8 +136,8 @@ def update(method: str, batch, policy, critic, opt, rows_per_micro: int) -> dict
     import torch
 
     from steppo_fast import step_policy_loss, value_loss
-    from steppo_fast.modeling import packed_forward
     from steppo_fast.trainer.memory import compute_dtype
+    from steppo_fast.trainer.modeling import packed_forward
     from steppo_fast.trainer.update import action_logprobs
 
     adv = torch.linspace(-1, 1, batch.num_steps)

@@ -50,8 +50,8 @@ def main() -> None:
     args = p.parse_args()
     harness = _harness()
     torch.set_num_threads(1)
-    from steppo_fast.modeling import packed_forward
     from steppo_fast.trainer.config import TrainConfig
+    from steppo_fast.trainer.modeling import packed_forward
     from steppo_fast.trainer.policy import build_policy, build_tokenizer, hidden_states
 
     cfg = TrainConfig().resolved()

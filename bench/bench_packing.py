@@ -36,8 +36,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import measure_peak, print_table, write_results  # noqa: E402
-from steppo_fast import _microbatch, _packing, _packing_numba  # noqa: E402
-from steppo_fast.batch import StepBatch  # noqa: E402
+from steppo_fast.batch import (  # noqa: E402
+    StepBatch,  # noqa: E402
+    microbatch,
+    packing,
+    packing_numba,
+    records,
+)
 
 
 def make_trajectories(
@@ -170,13 +175,13 @@ def bench_layout(name, trajs, layout, reps):
         row("floor: prefix compare only", lambda: prefix_compare_only(trajs))
     if layout != "auto":
         row("floor: id conversion only", lambda: convert_only(trajs, layout == "merged"))
-    row("read_records", lambda: _packing.read_records(trajs, layout))
-    records = _packing.read_records(trajs, layout)
-    row("csr numpy", lambda: _packing.csr_numpy(records))
-    if _packing_numba.numba_available():
-        row("csr numba", lambda: _packing_numba.csr_numba(records))
+    row("read_records", lambda: records.read_records(trajs, layout))
+    recs = records.read_records(trajs, layout)
+    row("csr numpy", lambda: packing.csr_numpy(recs))
+    if packing_numba.numba_available():
+        row("csr numba", lambda: packing_numba.csr_numba(recs))
     for use_numba in (False, True):
-        if use_numba and not _packing_numba.numba_available():
+        if use_numba and not packing_numba.numba_available():
             continue
 
         def build(u=use_numba):
@@ -211,12 +216,12 @@ def bench_microbatches(name, batch, max_tokens, reps):
             }
         )
 
-    num_ffd = len(_microbatch.plan_ffd_numpy(sizes, max_tokens))
-    row("plan ffd numpy", lambda: _microbatch.plan_ffd_numpy(sizes, max_tokens), num_ffd)
-    if _packing_numba.numba_available():
-        row("plan ffd numba", lambda: _microbatch.plan_ffd(sizes, max_tokens, True), num_ffd)
-    num_contiguous = len(_microbatch.plan_contiguous(sizes, max_tokens))
-    row("plan contiguous", lambda: _microbatch.plan_contiguous(sizes, max_tokens), num_contiguous)
+    num_ffd = len(microbatch.plan_ffd_numpy(sizes, max_tokens))
+    row("plan ffd numpy", lambda: microbatch.plan_ffd_numpy(sizes, max_tokens), num_ffd)
+    if packing_numba.numba_available():
+        row("plan ffd numba", lambda: microbatch.plan_ffd(sizes, max_tokens, True), num_ffd)
+    num_contiguous = len(microbatch.plan_contiguous(sizes, max_tokens))
+    row("plan contiguous", lambda: microbatch.plan_contiguous(sizes, max_tokens), num_contiguous)
     row("microbatches(ffd) total", lambda: batch.microbatches(max_tokens), num_ffd)
     row(
         "microbatches(contiguous) total",
@@ -279,7 +284,7 @@ def main():
             "packing",
             rows + mb_rows,
             config=vars(args),
-            numba=_packing_numba.numba_available(),
+            numba=packing_numba.numba_available(),
             loadavg_start=load_start,
             loadavg_end=load_end,
         )

@@ -18,8 +18,10 @@ Checks:
 - layers: data flows records -> batch -> ops -> backends, with the trainer and integrations on
   top. Every module has a rank (``LAYERS``, first matching prefix wins) and no module imports a
   module of a higher rank: validation helpers (0) < backends (1: reference, kernels, cpu) <
-  dispatch and public ops (2) < package top level (3) < trainer and integrations (4). Modules
-  without a rank (batch, packing, envs, modeling, ...) are not layer-checked.
+  the batch package (2: records, packing, StepBatch, checks, micro-batches) < dispatch and
+  public ops (3) < package top level (4) < trainer and integrations (5). So backends never
+  import the batch, and the batch never imports ops, the top level, the trainer or the
+  integrations. Modules without a rank (envs, ...) are not layer-checked.
 """
 
 from __future__ import annotations
@@ -42,22 +44,30 @@ EXTENSIONS = ("steppo_fast._C",)
 # (module name or prefix, rank); a prefix "x." matches x's submodules, "x" only x itself
 LAYERS = (
     ("steppo_fast._validate", 0),
-    ("steppo_fast._batch_checks", 0),
     ("steppo_fast.reference.", 1),
     ("steppo_fast.reference", 1),
     ("steppo_fast.kernels.", 1),
     ("steppo_fast.kernels", 1),
     ("steppo_fast.cpu", 1),
-    ("steppo_fast._dispatch", 2),
-    ("steppo_fast.ops.", 2),
-    ("steppo_fast.ops", 2),
-    ("steppo_fast", 3),
-    ("steppo_fast.trainer.", 4),
-    ("steppo_fast.trainer", 4),
-    ("steppo_fast.integrations.", 4),
-    ("steppo_fast.integrations", 4),
+    ("steppo_fast.batch.", 2),
+    ("steppo_fast.batch", 2),
+    ("steppo_fast._dispatch", 3),
+    ("steppo_fast.ops.", 3),
+    ("steppo_fast.ops", 3),
+    ("steppo_fast", 4),
+    ("steppo_fast.trainer.", 5),
+    ("steppo_fast.trainer", 5),
+    ("steppo_fast.integrations.", 5),
+    ("steppo_fast.integrations", 5),
 )
-RANK_NAMES = {0: "validation", 1: "backend", 2: "ops", 3: "package top level", 4: "trainer"}
+RANK_NAMES = {
+    0: "validation",
+    1: "backend",
+    2: "batch",
+    3: "ops",
+    4: "package top level",
+    5: "trainer",
+}
 
 
 def discover() -> dict[str, Path | None]:

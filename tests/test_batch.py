@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from steppo_fast import _packing_numba
 from steppo_fast.batch import StepBatch, position_ids
+from steppo_fast.batch import packing_numba as _packing_numba
 
 HAS_NUMBA = _packing_numba.numba_available()
 FIELDS = (
@@ -424,7 +424,7 @@ def test_falls_back_to_numpy_without_numba():
     """With numba unimportable the package still packs (numpy path) and auto never picks numba."""
     code = (
         "import sys; sys.modules['numba'] = None\n"
-        "from steppo_fast import _packing_numba\n"
+        "from steppo_fast.batch import packing_numba as _packing_numba\n"
         "from steppo_fast.batch import StepBatch\n"
         "assert not _packing_numba.numba_available()\n"
         "assert not _packing_numba.should_use(None, 10**9)\n"

@@ -7,8 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from steppo_fast import _microbatch, _packing_numba
 from steppo_fast.batch import StepBatch
+from steppo_fast.batch import microbatch as _microbatch
+from steppo_fast.batch import packing_numba as _packing_numba
 
 HAS_NUMBA = _packing_numba.numba_available()
 PER_STEP = ("rewards", "value_index", "anchor")

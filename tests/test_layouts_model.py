@@ -10,7 +10,7 @@ import torch
 from _tolerance import assert_close_pair, assert_close_to_oracle
 
 from steppo_fast.batch import StepBatch
-from steppo_fast.modeling import backbone, block_diagonal_mask, packed_forward
+from steppo_fast.trainer.modeling import backbone, block_diagonal_mask, packed_forward
 
 transformers = pytest.importorskip("transformers")
 

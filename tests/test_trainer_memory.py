@@ -14,11 +14,11 @@ from _trainer_setup import small_cfg as _small_cfg
 
 from steppo_fast import StepBatch
 from steppo_fast.envs import default_tokenizer, make_env
-from steppo_fast.modeling import decoder_layers
 from steppo_fast.trainer import update as update_mod
 from steppo_fast.trainer.config import TrainConfig
 from steppo_fast.trainer.loop import Trainer
 from steppo_fast.trainer.memory import compute_dtype, enable_grad_checkpointing
+from steppo_fast.trainer.modeling import decoder_layers
 from steppo_fast.trainer.policy import Critic, build_policy
 from steppo_fast.trainer.rollout import rollout
 from steppo_fast.trainer.update import Models, forward

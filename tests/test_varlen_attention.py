@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from steppo_fast.batch import StepBatch
-from steppo_fast.modeling import backbone, packed_forward
-from steppo_fast.varlen_attention import NAME, enable_varlen_attention, varlen_sdpa
+from steppo_fast.trainer.modeling import backbone, packed_forward
+from steppo_fast.trainer.varlen_attention import NAME, enable_varlen_attention, varlen_sdpa
 
 transformers = pytest.importorskip("transformers")
 

@@ -54,7 +54,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import StepBatch
-from ..modeling import decoder_layers
+from .modeling import decoder_layers
 from .update import ForwardOut, Models, forward
 
 

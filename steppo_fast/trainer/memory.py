@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..modeling import decoder_layers
+from .modeling import decoder_layers
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

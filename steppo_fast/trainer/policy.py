@@ -16,12 +16,12 @@
   a copy of the policy's architecture) or on the policy's hidden states (``"shared"``).
 - :func:`hidden_states`: last hidden states [N, H] of every token of a batch. ``"padded"``
   (default on CPU) runs the R sequences as R right-padded rows with a 2-D padding mask: cost
-  R * L_max^2 attention. ``"packed"`` is :func:`steppo_fast.modeling.packed_forward` (one row,
-  ``position_ids`` restarting per sequence, ``use_cache=False``) with the ``"steppo_varlen"``
-  attention (:mod:`steppo_fast.varlen_attention`: flash-attn's varlen kernel on CUDA when
-  installed, causal SDPA per sequence otherwise; no [N, N] mask). Before it, transformers' packed
-  mask made this N^2: 130 s vs 2.6 s padded for 64 x 400 tokens; now about what padded costs
-  (``bench/bench_packed_forward.py``).
+  R * L_max^2 attention. ``"packed"`` is :func:`steppo_fast.trainer.modeling.packed_forward`
+  (one row, ``position_ids`` restarting per sequence, ``use_cache=False``) with the
+  ``"steppo_varlen"`` attention (:mod:`steppo_fast.trainer.varlen_attention`: flash-attn's
+  varlen kernel on CUDA when installed, causal SDPA per sequence otherwise; no [N, N] mask).
+  Before it, transformers' packed mask made this N^2: 130 s vs 2.6 s padded for 64 x 400
+  tokens; now about what padded costs (``bench/bench_packed_forward.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..envs.tokenizer import WordTokenizer, default_tokenizer
-from ..modeling import backbone
 from .config import TrainConfig
 from .hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer
+from .modeling import backbone
 
 FORWARD_MODES = ("padded", "packed")
 
@@ -144,9 +144,10 @@ def hidden_states(
     own; ``None``: one bucket, i.e. exactly one forward per call, as FSDP's lock-step
     collectives need); each bucket is one right-padded forward with a 2-D padding mask, so padding
     waste stays small even in the rows layout. Each sequence is computed exactly as if alone (tested
-    against per-sequence forwards). ``"packed"``: :func:`steppo_fast.modeling.packed_forward`."""
+    against per-sequence forwards). ``"packed"``:
+    :func:`steppo_fast.trainer.modeling.packed_forward`."""
     if mode == "packed":
-        from ..modeling import packed_forward
+        from .modeling import packed_forward
 
         return packed_forward(model, batch)
     if mode != "padded":

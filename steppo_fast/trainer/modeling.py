@@ -5,9 +5,10 @@ All R sequences go through the model as **one row** of N tokens; what keeps them
 - ``attention="varlen"`` (default): the sequence offsets ``cu_seqlens`` reach the attention
   function (``cu_seq_lens_q/k``, ``max_length_q/k``, the keyword arguments transformers forwards
   to flash-attention); an sdpa/eager model is switched to the ``"steppo_varlen"`` attention of
-  :mod:`steppo_fast.varlen_attention` (flash-attn's varlen kernel on CUDA when installed, causal
-  SDPA per sequence otherwise), which builds no [N, N] mask: O(sum_r L_r^2) work and O(N)
-  memory. ``position_ids`` restart per sequence (rotary positions) and ``use_cache=False``.
+  :mod:`steppo_fast.trainer.varlen_attention` (flash-attn's varlen kernel on CUDA when
+  installed, causal SDPA per sequence otherwise), which builds no [N, N] mask: O(sum_r L_r^2)
+  work and O(N) memory. ``position_ids`` restart per sequence (rotary positions) and
+  ``use_cache=False``.
 - ``attention="position_ids"`` (sdpa / flash-attention / flex): ``position_ids``
   restarting at 0 per sequence, no attention mask and ``use_cache=False``. transformers then
   builds a block-causal mask from the position resets. With the default ``use_cache`` (True
@@ -75,7 +76,7 @@ def packed_forward(model: torch.nn.Module, batch, *, attention: str = "varlen"):
     ``model``: a transformers causal LM (``*ForCausalLM``) or its backbone; ``batch``: a
     StepBatch on the model's device. ``attention``: ``"varlen"`` (default; switches an
     sdpa/eager model to ``"steppo_varlen"`` attention in place, see
-    :func:`steppo_fast.varlen_attention.enable_varlen_attention`), ``"position_ids"`` or
+    :func:`steppo_fast.trainer.varlen_attention.enable_varlen_attention`), ``"position_ids"`` or
     ``"block_mask"`` (see module docstring). Differentiable (train mode works as usual); an
     empty batch gives an empty [0, H] tensor without calling the model.
     """

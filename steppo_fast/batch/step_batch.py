@@ -29,25 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import _batch_checks, _microbatch, _packing
-from ._microbatch import MicroBatch
-
-__all__ = ["MicroBatch", "StepBatch"]
-
-TENSOR_FIELDS = (
-    "input_ids",
-    "cu_seqlens",
-    "action_index",
-    "cu_steps",
-    "cu_trajs",
-    "value_index",
-    "rewards",
-    "terminated",
-    "group",
-    "anchor",
-    "step_weight",
-    "rollout_logp",
-)
+from . import checks, microbatch, packing, records
+from .fields import OPTIONAL, TENSOR_FIELDS
+from .microbatch import MicroBatch
 
 
 def position_ids(cu_seqlens: torch.Tensor, num_tokens: int, *, numpy: bool) -> torch.Tensor:
@@ -78,18 +62,31 @@ class StepBatch:
     """A batch of multi-step trajectories in the CSR layout of docs/design.md §2 (tensors on
     one device).
 
-    Fields (N tokens, R sequences, A action tokens, S steps, B trajectories):
+    Fields (N tokens, R sequences, A action tokens, S steps, B trajectories; the table
+    :data:`steppo_fast.batch.fields.FIELDS`, which drives :meth:`validate`):
 
-    - ``input_ids`` [N] int64 -- every sequence's tokens, concatenated.
-    - ``cu_seqlens`` [R+1] int32 -- sequence r is tokens ``[cu_seqlens[r], cu_seqlens[r+1])``.
-    - ``action_index`` [A] int64 -- token position of each action token; strictly increasing.
-    - ``cu_steps`` [S+1] int32 -- step s is action entries ``[cu_steps[s], cu_steps[s+1])``.
-    - ``cu_trajs`` [B+1] int32 -- trajectory b is steps ``[cu_trajs[b], cu_trajs[b+1])``.
-    - ``value_index`` [S] int64 -- the token right before step s's first action token (the
-      critic reads V(s_t) there); always in the same sequence as the step's actions.
-    - ``rewards`` [S] float32, ``terminated`` [B] bool, ``group`` [B] int64.
-    - optional: ``anchor`` [S] int64 (GiGPO anchor state), ``step_weight`` [S] float32 (>= 0;
-      0 = padding step), ``rollout_logp`` [A] float32 (the sampler's log-probs, finite and <= 0).
+    - ``input_ids`` [N] int64 -- every sequence's tokens, concatenated (what the model sees);
+      token ids >= 0.
+    - ``cu_seqlens`` [R+1] int32 -- sequence r is tokens ``[cu_seqlens[r], cu_seqlens[r+1])``;
+      offsets over N; every sequence holds a step; a trajectory's sequences are its own
+      (contiguous, shared with no other trajectory).
+    - ``action_index`` [A] int64 -- token position of each action token; ``logit_index =
+      action_index - 1`` predicts it; in [0, N), strictly increasing; never the first token of a
+      sequence.
+    - ``cu_steps`` [S+1] int32 -- step s is action entries ``[cu_steps[s], cu_steps[s+1])``;
+      offsets over A; every step has >= 1 action token; a step's tokens stay in one sequence.
+    - ``cu_trajs`` [B+1] int32 -- trajectory b is steps ``[cu_trajs[b], cu_trajs[b+1])``;
+      offsets over S; every trajectory has >= 1 step.
+    - ``value_index`` [S] int64 -- the token before step s's first action token (the critic
+      reads V(s_t) there); equals ``action_index[cu_steps[s]] - 1``.
+    - ``rewards`` [S] float32 -- reward of each step; finite.
+    - ``terminated`` [B] bool -- True: the trajectory ended (bootstrap 0); False: truncated.
+    - ``group`` [B] int64 -- task/prompt group id (the baseline of GRPO-style advantages).
+    - ``anchor`` [S] int64 (optional) -- GiGPO anchor-state id of each step.
+    - ``step_weight`` [S] float32 (optional) -- weight of each step in the losses; 0 = a padding
+      step that never reaches a loss; finite, >= 0.
+    - ``rollout_logp`` [A] float32 (optional) -- the sampler's log-prob of each action token;
+      finite, <= 0.
 
     Each trajectory owns whole sequences (its own, contiguous); one sequence may hold several
     steps (merged layout) or one (rows layout).
@@ -112,7 +109,7 @@ class StepBatch:
     def __post_init__(self):
         # Structure only (types, dtypes, 1-D, lengths implied by shapes, one device): no host
         # sync, no value reads. validate() checks everything.
-        _batch_checks.check_structure(self)
+        checks.check_structure(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,30 +132,30 @@ class StepBatch:
         re-tokenised). ``rollout_logp`` / ``anchor`` are set when every step has them (and S > 0);
         given for some steps only is a ``ValueError``. Tensors are built on CPU, then moved to
         ``device`` if given. Raises ``ValueError`` naming ``trajectories[b].steps[t]`` and the
-        rule for any malformed record (see :func:`steppo_fast._packing.read_records`).
+        rule for any malformed record (see :func:`steppo_fast.batch.records.read_records`).
         """
         return cls._from_records(trajectories, layout, device=device)
 
     @classmethod
     def _from_records(cls, trajectories, layout="auto", *, device=None, use_numba=None):
-        records = _packing.read_records(trajectories, layout)
-        csr = _packing.build_csr(records, use_numba=use_numba)
+        recs = records.read_records(trajectories, layout)
+        csr = packing.build_csr(recs, use_numba=use_numba)
 
         def t(x):
             return None if x is None else torch.from_numpy(x)
 
         batch = cls(
-            input_ids=t(records.tokens),
+            input_ids=t(recs.tokens),
             cu_seqlens=t(csr.cu_seqlens),
             action_index=t(csr.action_index),
             cu_steps=t(csr.cu_steps),
             cu_trajs=t(csr.cu_trajs),
             value_index=t(csr.value_index),
-            rewards=t(records.rewards),
-            terminated=t(records.terminated),
-            group=t(records.group),
-            anchor=t(records.anchor),
-            rollout_logp=t(records.rollout_logp),
+            rewards=t(recs.rewards),
+            terminated=t(recs.terminated),
+            group=t(recs.group),
+            anchor=t(recs.anchor),
+            rollout_logp=t(recs.rollout_logp),
         )
         return batch if device is None else batch.to(device)
 
@@ -167,7 +164,7 @@ class StepBatch:
         """Check every invariant of docs/design.md §2; raise ``ValueError`` naming the field,
         the index and the rule broken. O(N + A + S) vectorised, one host sync per check on
         accelerators. Returns ``self`` (so ``StepBatch(...).validate()`` chains)."""
-        _batch_checks.validate(self)
+        checks.validate(self)
         return self
 
     # ------------------------------------------------------------------ counts
@@ -296,7 +293,7 @@ class StepBatch:
         ``old_logp[batch.actions_of_steps(mb.step_index)]``."""
         step_index = step_index.to(device=self.device, dtype=torch.long)
         starts = self.cu_steps.long()[step_index]
-        return _microbatch.ranges(starts, self.step_num_actions[step_index])
+        return microbatch.ranges(starts, self.step_num_actions[step_index])
 
     # ------------------------------------------------------------------ splitting / moving
     def microbatches(self, max_tokens: int, *, method: str = "ffd") -> list[MicroBatch]:
@@ -315,12 +312,12 @@ class StepBatch:
         ``old_logp[parent.actions_of_steps(mb.step_index)]`` a per-action one. An empty batch
         gives an empty list.
         """
-        return _microbatch.microbatches(self, max_tokens, method=method)
+        return microbatch.microbatches(self, max_tokens, method=method)
 
     def select_trajectories(self, traj_index: torch.Tensor) -> MicroBatch:
         """The sub-batch of the given trajectories (in the given order), re-based; returned as
         a :class:`MicroBatch` with the step / trajectory index maps into this batch."""
-        return _microbatch.take_trajectories(self, traj_index)
+        return microbatch.take_trajectories(self, traj_index)
 
     def to(self, device=None, *, non_blocking: bool = False) -> StepBatch:
         """A copy with every tensor on ``device`` (derived caches are recomputed there)."""
@@ -342,9 +339,7 @@ class StepBatch:
         return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:
-        optional = [
-            n for n in ("anchor", "step_weight", "rollout_logp") if getattr(self, n) is not None
-        ]
+        optional = [n for n in OPTIONAL if getattr(self, n) is not None]
         return (
             f"StepBatch(trajs={self.num_trajs}, steps={self.num_steps}, seqs={self.num_seqs}, "
             f"tokens={self.num_tokens}, action_tokens={self.num_actions}, "

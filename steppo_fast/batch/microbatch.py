@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _packing_numba
+from . import packing_numba
 
 METHODS = ("ffd", "contiguous")
 
@@ -78,10 +78,10 @@ def _group_bins(bin_of: np.ndarray, num_bins: int) -> list[np.ndarray]:
 
 
 def plan_ffd(sizes: np.ndarray, max_tokens: int, use_numba: bool | None = None):
-    if not _packing_numba.should_use(use_numba, work=sizes.size * 64):
+    if not packing_numba.should_use(use_numba, work=sizes.size * 64):
         return plan_ffd_numpy(sizes, max_tokens)
     order = np.argsort(-sizes, kind="stable")
-    bin_of, num_bins = _packing_numba.ffd_numba(sizes.astype(np.int64), order, int(max_tokens))
+    bin_of, num_bins = packing_numba.ffd_numba(sizes.astype(np.int64), order, int(max_tokens))
     return _group_bins(bin_of, num_bins)
 
 

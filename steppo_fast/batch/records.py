@@ -1,15 +1,12 @@
-"""Host-side packing of rollout records into the CSR arrays of :class:`~steppo_fast.StepBatch`.
+"""Reading rollout records: check every trajectory and step, decide the layout, collect ids.
 
-Two stages:
-
-1. :func:`read_records` walks the Python records once (the only per-step Python work): it
-   checks each step, decides whether the step joins the previous step's sequence (the token
-   prefix property) and appends the *new* tokens only into typed ``array.array`` buffers with
-   ``array.fromlist`` (C-level conversion, about 10 ns per id, that rejects non-integer ids
-   instead of truncating floats; 2-4x faster than ``array.extend`` or per-step ``np.asarray``).
-2. :func:`build_csr` turns per-step lengths into the offsets and index arrays, vectorised with
-   numpy or in one pass with numba (:mod:`steppo_fast._packing_numba`); both give identical
-   arrays.
+Stage 1 of building a :class:`~steppo_fast.StepBatch` from records (stage 2, the CSR offsets
+and index arrays, is :mod:`steppo_fast.batch.packing`). :func:`read_records` walks the Python
+records once (the only per-step Python work): it checks each step, decides whether the step
+joins the previous step's sequence (the token prefix property) and appends the *new* tokens
+only into typed ``array.array`` buffers with ``array.fromlist`` (C-level conversion, about
+10 ns per id, that rejects non-integer ids instead of truncating floats; 2-4x faster than
+``array.extend`` or per-step ``np.asarray``). The result is a :class:`Records` of numpy arrays.
 
 Layout rule (docs/design.md §2): step t+1 joins step t's sequence exactly when its
 ``prompt_ids`` starts with step t's ``prompt_ids + action_ids``; the sequence is then extended
@@ -18,8 +15,7 @@ of a merged step are compared by value (``==``) against ids already read and val
 are not re-read.
 
 Costs: the prefix comparison is O(sum of prompt lengths) C-level list comparisons (inherent to
-records that repeat the full context per step); the conversion is O(N + A) and the CSR stage
-O(S + A).
+records that repeat the full context per step); the conversion is O(N + A).
 """
 
 from __future__ import annotations
@@ -29,8 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from . import _packing_numba
 
 LAYOUTS = ("auto", "rows", "merged")
 _INT32_MAX = 2**31 - 1
@@ -51,17 +45,6 @@ class Records:
     group: np.ndarray  # [B] int64
     anchor: np.ndarray | None  # [S] int64 when every step has an anchor
     rollout_logp: np.ndarray | None  # [A] float32 when every step has logprobs
-
-
-@dataclass
-class Csr:
-    """The StepBatch index arrays (numpy, final dtypes)."""
-
-    cu_seqlens: np.ndarray  # [R+1] int32
-    action_index: np.ndarray  # [A] int64
-    cu_steps: np.ndarray  # [S+1] int32
-    cu_trajs: np.ndarray  # [B+1] int32
-    value_index: np.ndarray  # [S] int64
 
 
 def _where(b: int, t: int | None = None) -> str:
@@ -361,36 +344,3 @@ def _check_values(r: Records) -> None:
                 f"{_where(*_locate(r, s))}: logprobs must be finite and <= 0 (log-probs), got "
                 f"logprobs[{k}] = {r.rollout_logp[i]} (as float32)"
             )
-
-
-def csr_numpy(records: Records) -> Csr:
-    """Vectorised CSR construction (numpy), O(S + A)."""
-    new_len, act_len = records.new_prompt_len, records.action_len
-    step_tokens = new_len + act_len
-    step_end = np.cumsum(step_tokens)  # token position after each step's action
-    action_start = step_end - act_len  # first action token of each step
-    cu_steps = np.zeros(len(act_len) + 1, dtype=np.int64)
-    np.cumsum(act_len, out=cu_steps[1:])
-    num_actions = int(cu_steps[-1])
-    action_index = np.repeat(action_start - cu_steps[:-1], act_len) + np.arange(num_actions)
-    seq_start = (step_end - step_tokens)[records.starts_sequence]
-    cu_seqlens = np.append(seq_start, records.tokens.size).astype(np.int32)
-    cu_trajs = np.zeros(len(records.traj_num_steps) + 1, dtype=np.int32)
-    np.cumsum(records.traj_num_steps, out=cu_trajs[1:])
-    return Csr(
-        cu_seqlens=cu_seqlens,
-        action_index=action_index.astype(np.int64, copy=False),
-        cu_steps=cu_steps.astype(np.int32),
-        cu_trajs=cu_trajs,
-        value_index=action_start - 1,
-    )
-
-
-def build_csr(records: Records, use_numba: bool | None = None) -> Csr:
-    """CSR arrays from :class:`Records`; ``use_numba`` None = numba when installed and the
-    batch is large enough to repay its dispatch (see :mod:`steppo_fast._packing_numba`)."""
-    if _packing_numba.should_use(
-        use_numba, work=records.action_len.size + records.tokens.size // 64
-    ):
-        return Csr(*_packing_numba.csr_numba(records))
-    return csr_numpy(records)

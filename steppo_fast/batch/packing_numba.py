@@ -4,8 +4,8 @@ numba is an optional dependency (``pip install steppo_fast[numba]``). Nothing he
 at module import: the loops below are plain module-level Python functions that are compiled with
 ``numba.njit(cache=True)`` on first use (compiled code is cached on disk next to this file, so
 later processes only load it). Without numba, callers use the numpy versions in
-:mod:`steppo_fast._packing` and :mod:`steppo_fast._microbatch`; both paths give identical arrays
-(tested).
+:mod:`steppo_fast.batch.packing` and :mod:`steppo_fast.batch.microbatch`; both paths give
+identical arrays (tested).
 
 ``should_use(None, work)`` picks numba only when it is installed and the job is big enough to
 repay importing numba and loading the compiled code (about 0.4 s once per process). Measured
@@ -117,9 +117,9 @@ def _jit(fn):
 
 
 def csr_numba(records) -> tuple:
-    """numba version of :func:`steppo_fast._packing.csr_numpy`: the same arrays, as the tuple
-    ``(cu_seqlens, action_index, cu_steps, cu_trajs, value_index)`` (the caller wraps it in
-    ``_packing.Csr``; this module never imports ``_packing``, so there is no import cycle)."""
+    """numba version of :func:`steppo_fast.batch.packing.csr_numpy`: the same arrays, as the
+    tuple ``(cu_seqlens, action_index, cu_steps, cu_trajs, value_index)`` (the caller wraps it
+    in ``packing.Csr``; this module imports nothing of the package: it is a leaf)."""
     return _jit(_csr_loop)(
         records.new_prompt_len,
         records.action_len,

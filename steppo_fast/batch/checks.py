@@ -3,73 +3,74 @@
 Every violation raises ``ValueError`` of the form ``"<field>[<index>]: <rule>"``. Checks run in
 dependency order (structure, offsets, then value rules that rely on valid offsets), so the first
 error reported is the root cause.
+
+The per-field rules (dtype, length, optional, offsets, element-wise value rules) come from the
+field table :data:`steppo_fast.batch.fields.FIELDS`; the rules that relate several fields
+(action tokens inside their step's sequence, ``value_index`` before each step, sequences owned
+by one trajectory) are written out in :func:`validate`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._validate import check_nonempty_segments, check_offsets
+from .._validate import check_nonempty_segments, check_offsets
+from .fields import FIELDS, VALUE_RULES, dtype_name
 
-# field -> (dtype, length symbol); lengths: N tokens, R+1, A, S+1, B+1, S, B
-_SPEC = {
-    "input_ids": (torch.int64, "N"),
-    "cu_seqlens": (torch.int32, None),
-    "action_index": (torch.int64, "A"),
-    "cu_steps": (torch.int32, None),
-    "cu_trajs": (torch.int32, None),
-    "value_index": (torch.int64, "S"),
-    "rewards": (torch.float32, "S"),
-    "terminated": (torch.bool, "B"),
-    "group": (torch.int64, "B"),
-    "anchor": (torch.int64, "S"),
-    "step_weight": (torch.float32, "S"),
-    "rollout_logp": (torch.float32, "A"),
+_OFFSET_LENGTHS = ("R+1", "S+1", "B+1")
+_WHAT = {
+    "S": "steps (len(cu_steps) - 1)",
+    "B": "trajectories (len(cu_trajs) - 1)",
+    "A": "action tokens (len(action_index))",
 }
-OPTIONAL = ("anchor", "step_weight", "rollout_logp")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+_VIOLATES = {  # value rule -> mask of the entries that break it
+    "finite": lambda x: ~torch.isfinite(x),
+    ">= 0": lambda x: x < 0,
+    "<= 0": lambda x: x > 0,
+}
 
 
 def check_structure(batch) -> None:
-    """Types, dtypes, 1-D, lengths implied by the offsets' shapes, one device. No value reads."""
-    for name, (dtype, _) in _SPEC.items():
-        x = getattr(batch, name)
-        if x is None and name in OPTIONAL:
+    """Types, dtypes, 1-D, lengths implied by the offsets' shapes, one device (all from
+    :data:`~steppo_fast.batch.fields.FIELDS`). No value reads."""
+    for f in FIELDS:
+        x = getattr(batch, f.name)
+        if x is None and f.optional:
             continue
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            raise ValueError(f"{f.name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 1:
-            raise ValueError(f"{name}: must be 1-D, got shape {tuple(x.shape)}")
-        if x.dtype != dtype:
-            raise ValueError(f"{name}: dtype must be {_name(dtype)}, got {_name(x.dtype)}")
+            raise ValueError(f"{f.name}: must be 1-D, got shape {tuple(x.shape)}")
+        if x.dtype != f.dtype:
+            raise ValueError(
+                f"{f.name}: dtype must be {dtype_name(f.dtype)}, got {dtype_name(x.dtype)}"
+            )
     device = batch.input_ids.device
-    for name in _SPEC:
-        x = getattr(batch, name)
+    for f in FIELDS:
+        x = getattr(batch, f.name)
         if x is not None and x.device != device:
             raise ValueError(
-                f"{name}: on {x.device} but input_ids is on {device} (all tensors on one device)"
+                f"{f.name}: on {x.device} but input_ids is on {device} (all tensors on one device)"
             )
-    for name in ("cu_seqlens", "cu_steps", "cu_trajs"):
-        if getattr(batch, name).shape[0] == 0:
-            raise ValueError(f"{name}: offsets need at least one entry ({name}[0] == 0)")
-    lengths = {
+    for f in FIELDS:
+        if f.length in _OFFSET_LENGTHS and getattr(batch, f.name).shape[0] == 0:
+            raise ValueError(f"{f.name}: offsets need at least one entry ({f.name}[0] == 0)")
+    lengths = _lengths(batch)
+    for f in FIELDS:
+        x = getattr(batch, f.name)
+        if x is not None and f.length in _WHAT and x.shape[0] != lengths[f.length]:
+            raise ValueError(
+                f"{f.name}: length {x.shape[0]} != {lengths[f.length]} {_WHAT[f.length]}"
+            )
+
+
+def _lengths(batch) -> dict[str, int]:
+    return {
         "N": batch.input_ids.shape[0],
         "A": batch.action_index.shape[0],
         "S": batch.cu_steps.shape[0] - 1,
         "B": batch.cu_trajs.shape[0] - 1,
     }
-    for name, (_, sym) in _SPEC.items():
-        x = getattr(batch, name)
-        if x is not None and sym in ("S", "B", "A") and x.shape[0] != lengths[sym]:
-            what = {
-                "S": "steps (len(cu_steps) - 1)",
-                "B": "trajectories (len(cu_trajs) - 1)",
-                "A": "action tokens (len(action_index))",
-            }[sym]
-            raise ValueError(f"{name}: length {x.shape[0]} != {lengths[sym]} {what}")
 
 
 def _first(mask: torch.Tensor) -> int | None:
@@ -78,28 +79,34 @@ def _first(mask: torch.Tensor) -> int | None:
     return int(idx[0, 0]) if idx.numel() else None
 
 
-def _check_finite(batch, name: str) -> None:
-    x = getattr(batch, name)
-    if x is None:
-        return
-    i = _first(~torch.isfinite(x))
-    if i is not None:
-        raise ValueError(f"{name}[{i}]: must be finite, got {float(x[i])}")
+def _check_values(batch, fields) -> None:
+    """The element-wise ``values`` rules of ``fields``, rule by rule in ``VALUE_RULES`` order
+    (all finiteness first) and field by field in table order."""
+    for test in VALUE_RULES:
+        for f in fields:
+            x = getattr(batch, f.name)
+            for rule in f.values:
+                if rule.test != test or x is None:
+                    continue
+                i = _first(_VIOLATES[test](x))
+                if i is not None:
+                    got = float(x[i]) if x.dtype.is_floating_point else int(x[i])
+                    raise ValueError(f"{f.name}[{i}]: {rule.message}, got {got}")
 
 
 def validate(batch) -> None:
     """Every invariant of docs/design.md §2 (see :meth:`StepBatch.validate`)."""
     check_structure(batch)
     n, a, s = batch.num_tokens, batch.num_actions, batch.num_steps
-    check_offsets("cu_seqlens", batch.cu_seqlens, n)
-    check_offsets("cu_steps", batch.cu_steps, a)
-    check_offsets("cu_trajs", batch.cu_trajs, s)
-    check_nonempty_segments("cu_steps", batch.cu_steps)  # every step has >= 1 action token
-    check_nonempty_segments("cu_trajs", batch.cu_trajs)  # every trajectory has >= 1 step
-
-    i = _first(batch.input_ids < 0)
-    if i is not None:
-        raise ValueError(f"input_ids[{i}]: token ids must be >= 0, got {int(batch.input_ids[i])}")
+    lengths = _lengths(batch)
+    for f in FIELDS:
+        if f.offsets_of is not None:
+            check_offsets(f.name, getattr(batch, f.name), lengths[f.offsets_of])
+    for f in FIELDS:
+        if f.nonempty:  # every step has >= 1 action token, every trajectory >= 1 step
+            check_nonempty_segments(f.name, getattr(batch, f.name))
+    # value rules of the integer fields first: the relational checks below index with them
+    _check_values(batch, [f for f in FIELDS if not f.dtype.is_floating_point])
 
     act = batch.action_index
     i = _first((act < 0) | (act >= n))
@@ -161,17 +168,4 @@ def validate(batch) -> None:
                 "trajectory's sequences are its own"
             )
 
-    _check_finite(batch, "rewards")
-    _check_finite(batch, "step_weight")
-    _check_finite(batch, "rollout_logp")
-    if batch.rollout_logp is not None:
-        i = _first(batch.rollout_logp > 0)
-        if i is not None:
-            raise ValueError(
-                f"rollout_logp[{i}]: must be <= 0 (a log-probability), got "
-                f"{float(batch.rollout_logp[i])}"
-            )
-    if batch.step_weight is not None:
-        i = _first(batch.step_weight < 0)
-        if i is not None:
-            raise ValueError(f"step_weight[{i}]: must be >= 0, got {float(batch.step_weight[i])}")
+    _check_values(batch, [f for f in FIELDS if f.dtype.is_floating_point])
