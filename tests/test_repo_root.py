@@ -77,9 +77,9 @@ def test_python_m_trainer_from_repo_root(tmp_path):
 @pytest.mark.slow
 def test_wheel_installs_every_kernel_module_under_the_package(tmp_path):
     """A pure-Python wheel (``STEPPO_NO_CPP=1``) of the tracked files: every
-    ``kernels/steppo_fast_kernels/**.py`` is in it as ``steppo_fast/kernels/**.py`` (setup.py's
-    package list cannot silently miss a family folder), and nothing is installed as a top-level
-    ``kernels``."""
+    ``kernels/steppo_fast_kernels/**.py`` is in it as ``steppo_fast/kernels/**.py`` and every
+    ``steppo_fast/**.py`` as itself (setup.py's package list cannot silently miss a family
+    folder or a subpackage), and nothing is installed as a top-level ``kernels``."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     files = subprocess.run(
@@ -109,3 +109,6 @@ def test_wheel_installs_every_kernel_module_under_the_package(tmp_path):
     assert want and want <= names, sorted(want - names)
     assert not [n for n in names if n.startswith("kernels/")]
     assert "steppo_fast/trainer/loop.py" in names
+    # every subpackage of steppo_fast/ is listed in setup.py (e.g. steppo_fast/batch/)
+    package = {n for n in files if n.startswith("steppo_fast/") and n.endswith(".py")}
+    assert package and package <= names, sorted(package - names)
