@@ -17,11 +17,16 @@ Checks:
 - no cycle (strongly connected components of more than one module, or a self-import);
 - layers: data flows records -> batch -> ops -> backends, with the trainer and integrations on
   top. Every module has a rank (``LAYERS``, first matching prefix wins) and no module imports a
-  module of a higher rank: validation helpers (0) < backends (1: reference, kernels, cpu) <
-  the batch package (2: records, packing, StepBatch, checks, micro-batches) < dispatch and
-  public ops (3) < package top level (4) < trainer and integrations (5). So backends never
-  import the batch, and the batch never imports ops, the top level, the trainer or the
-  integrations. Modules without a rank (envs, ...) are not layer-checked.
+  module of a higher rank: validation helpers and shared definitions (0) < backends (1:
+  reference, kernels, cpp) < the batch package (2: records, packing, StepBatch, checks,
+  micro-batches) < dispatch and public ops (3) < package top level (4) < trainer and
+  integrations (5). So backends never import the batch, and the batch never imports ops, the
+  top level, the trainer or the integrations. Modules without a rank (envs, ...) are not
+  layer-checked;
+- backends are siblings: the Triton and C++ backends (``steppo_fast.kernels``,
+  ``steppo_fast.cpp``) never import the reference, the dispatcher or the public ops
+  (``SEPARATE``); what they share with the reference lives in ``steppo_fast._defs`` (rank 0),
+  and every fallback to the reference is a rule of ``steppo_fast._dispatch``.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ EXTENSIONS = ("steppo_fast._C",)
 # (module name or prefix, rank); a prefix "x." matches x's submodules, "x" only x itself
 LAYERS = (
     ("steppo_fast._validate", 0),
+    ("steppo_fast._defs", 0),
     ("steppo_fast.reference.", 1),
     ("steppo_fast.reference", 1),
     ("steppo_fast.kernels.", 1),
     ("steppo_fast.kernels", 1),
-    ("steppo_fast.cpu", 1),
+    ("steppo_fast.cpp.", 1),
+    ("steppo_fast.cpp", 1),
     ("steppo_fast.batch.", 2),
     ("steppo_fast.batch", 2),
     ("steppo_fast._dispatch", 3),
@@ -60,6 +67,16 @@ LAYERS = (
     ("steppo_fast.integrations.", 5),
     ("steppo_fast.integrations", 5),
 )
+# (importer prefix, forbidden target prefix): same-rank modules kept apart (prefix rules as LAYERS)
+_BACKENDS = ("steppo_fast.kernels", "steppo_fast.kernels.", "steppo_fast.cpp", "steppo_fast.cpp.")
+_ABOVE = (
+    "steppo_fast.reference",
+    "steppo_fast.reference.",
+    "steppo_fast._dispatch",
+    "steppo_fast.ops",
+    "steppo_fast.ops.",
+)
+SEPARATE = tuple((a, b) for a in _BACKENDS for b in _ABOVE)
 RANK_NAMES = {
     0: "validation",
     1: "backend",
@@ -120,7 +137,7 @@ def edges(modules: dict[str, Path]) -> dict[str, set[str]]:
 
 def rank(module: str) -> int | None:
     for prefix, value in LAYERS:
-        if module == prefix or (prefix.endswith(".") and module.startswith(prefix)):
+        if _matches(module, prefix):
             return value
     return None
 
@@ -180,9 +197,27 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     return out
 
 
+def _matches(module: str, prefix: str) -> bool:
+    return module == prefix or (prefix.endswith(".") and module.startswith(prefix))
+
+
+def separation_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge from a backend to the reference, the dispatcher or the ops (``SEPARATE``)."""
+    out = []
+    for module in sorted(graph):
+        for target in sorted(graph[module]):
+            if any(_matches(module, a) and _matches(target, b) for a, b in SEPARATE):
+                out.append(
+                    f"{module} (backend) imports {target}: a backend never imports the "
+                    "reference, the dispatcher or the ops (fallbacks are rules of "
+                    "steppo_fast._dispatch; shared names live in steppo_fast._defs)"
+                )
+    return out
+
+
 def problems(graph: dict[str, set[str]]) -> list[str]:
     found = [f"import cycle: {' <-> '.join(c)}" for c in cycles(graph)]
-    return found + layer_violations(graph)
+    return found + layer_violations(graph) + separation_violations(graph)
 
 
 def to_text(graph: dict[str, set[str]]) -> str:

@@ -259,7 +259,7 @@ def test_step_gae_has_no_graph():
 
 
 def test_auto_uses_cpp_on_cpu():
-    from steppo_fast import _dispatch, cpu
+    from steppo_fast import _dispatch, cpp
 
     for op in ("step_gae", "discounted_returns", "whiten", "group_advantages"):
-        assert _dispatch.resolve("auto", op, torch.zeros(1)) is cpu
+        assert _dispatch.resolve("auto", op, torch.zeros(1)) is cpp

@@ -10,7 +10,7 @@ pytestmark = requires_cpp
 
 
 def _ops():
-    import steppo_fast.cpu  # noqa: F401  (registers fake kernels and autograd)
+    import steppo_fast.cpp  # noqa: F401  (registers fake kernels and autograd)
 
     return torch.ops.steppo_fast
 
@@ -91,7 +91,7 @@ def test_opcheck(name):
 
 
 def test_compile_fullgraph_with_backward():
-    import steppo_fast.cpu as cpu
+    import steppo_fast.cpp as cpu
 
     def pipeline(rewards, values, logp, old_logp, cu_trajs, cu_steps):
         adv, _ = cpu.step_gae(rewards, values, cu_trajs, gamma=0.9, lam=0.8)

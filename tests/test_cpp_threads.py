@@ -1,4 +1,4 @@
-"""Threads of the C++ kernels: the ``steppo_fast.cpu.set_num_threads`` knob, the parallel
+"""Threads of the C++ kernels: the ``steppo_fast.cpp.set_num_threads`` knob, the parallel
 thresholds, and the caller-runs pool (csrc/parallel.h): results on several threads equal the
 one-thread results, a loop below a kernel's threshold never reaches the pool, concurrent
 callers and fork children work.
@@ -27,8 +27,8 @@ EPS64 = torch.finfo(torch.float64).eps
 
 @pytest.fixture
 def cpu():
-    """steppo_fast.cpu with the thread settings restored after the test."""
-    import steppo_fast.cpu as cpu
+    """steppo_fast.cpp with the thread settings restored after the test."""
+    import steppo_fast.cpp as cpu
     from steppo_fast import _C
 
     before = cpu.thread_setting()
@@ -190,7 +190,7 @@ def test_concurrent_callers_get_their_own_results(cpu):
 
 FORK_SCRIPT = r"""
 import os, sys, torch
-import steppo_fast.cpu as cpu
+import steppo_fast.cpp as cpu
 from steppo_fast import _C
 _C._set_parallel_min(0)
 cpu.set_num_threads(2)

@@ -28,11 +28,11 @@ def test_graph_covers_both_source_folders_and_lazy_imports(ig):
     graph = ig.edges(ig.discover())
     assert "steppo_fast.kernels.step_loss.ops" in graph  # mapped from kernels/steppo_fast_kernels
     assert "steppo_fast.trainer.loop" in graph
-    # a function-level import is an edge too (the Triton backend's fp64 fallback)
-    assert "steppo_fast.reference" in graph["steppo_fast.kernels.segment.ops"]
+    # a function-level import is an edge too (the dispatcher's traceable import of a backend)
+    assert "steppo_fast.cpp" in graph["steppo_fast._dispatch"]
     # relative imports resolve: ops.loss -> _validate, the compiled extension is a node
     assert "steppo_fast._validate" in graph["steppo_fast.ops.loss"]
-    assert "steppo_fast._C" in graph["steppo_fast.cpu"]
+    assert "steppo_fast._C" in graph["steppo_fast.cpp._registry"]
 
 
 def test_checker_reports_cycles_and_upward_imports(ig):
@@ -60,5 +60,5 @@ def test_cli_prints_text_and_dot(ig, capsys):
     assert "steppo_fast.ops.loss -> " in text
     assert ig.main(["--dot"]) == 0
     dot = capsys.readouterr().out
-    assert dot.startswith("digraph") and '"steppo_fast.cpu" -> "steppo_fast._C";' in dot
+    assert dot.startswith("digraph") and '"steppo_fast.cpp._registry" -> "steppo_fast._C";' in dot
     assert ig.main(["--check"]) == 0

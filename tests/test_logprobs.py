@@ -10,7 +10,8 @@ from _tolerance import ORACLE_FACTOR, assert_close_to_oracle, pair_tol, unit_rou
 from conftest import TOL
 
 from steppo_fast import linear_logprobs
-from steppo_fast.reference import logprobs as ref_logprobs
+from steppo_fast._defs import WORKSPACE_BUDGET_BYTES, default_chunk_rows
+from steppo_fast.cpp import logprobs as cpp_logprobs
 
 F64 = torch.float64
 
@@ -146,10 +147,10 @@ def test_chunk_size_independence(dtype):
 def test_several_backward_row_blocks_and_vocab_tiles(chunk):
     """M > BACKWARD_TILE_ROWS: d weight / d bias accumulate over row blocks (beta = 1 after the
     first), d hidden over vocabulary tiles."""
-    m = ref_logprobs.BACKWARD_TILE_ROWS + 77
+    m = cpp_logprobs.BACKWARD_TILE_ROWS + 77
     hidden, weight, targets, bias = make(m=m, h=4, v=50, dtype=F64, grad=True)
-    rows, cols = ref_logprobs.backward_tile(m, 50, chunk or m)
-    assert rows == (ref_logprobs.BACKWARD_TILE_ROWS if chunk else m)
+    rows, cols = cpp_logprobs.backward_tile(m, 50, chunk or m)
+    assert rows == (cpp_logprobs.BACKWARD_TILE_ROWS if chunk else m)
     assert cols < 50 if chunk else cols == 50
     g_logp, g_ent = torch.randn(m, dtype=F64), torch.randn(m, dtype=F64)
     logp, ent = linear_logprobs(
@@ -165,23 +166,23 @@ def test_several_backward_row_blocks_and_vocab_tiles(chunk):
 
 
 def test_default_chunk_rows_rule():
-    budget = ref_logprobs.WORKSPACE_BUDGET_BYTES
-    rows = ref_logprobs.default_chunk_rows(10**6, 151936)
+    budget = WORKSPACE_BUDGET_BYTES
+    rows = default_chunk_rows(10**6, 151936)
     assert rows % 64 == 0 and 64 <= rows and rows * 151936 * 4 <= budget
-    assert ref_logprobs.default_chunk_rows(10, 151936) == 10  # never more than M
-    assert ref_logprobs.default_chunk_rows(10**6, 100) * 100 * 4 <= budget
+    assert default_chunk_rows(10, 151936) == 10  # never more than M
+    assert default_chunk_rows(10**6, 100) * 100 * 4 <= budget
     huge_vocab = budget // 4 // 3  # only 3 rows fit: not rounded up past the budget
-    assert ref_logprobs.default_chunk_rows(10**6, huge_vocab) == 3
-    assert ref_logprobs.default_chunk_rows(10**6, 10 * budget) == 1
-    assert ref_logprobs.default_chunk_rows(10**6, 151936, itemsize=8) * 151936 * 8 <= budget
+    assert default_chunk_rows(10**6, huge_vocab) == 3
+    assert default_chunk_rows(10**6, 10 * budget) == 1
+    assert default_chunk_rows(10**6, 151936, itemsize=8) * 151936 * 8 <= budget
     # Backward tiles: >= BACKWARD_TILE_ROWS rows (or all), never more elements than the chunk.
-    big = ref_logprobs.BACKWARD_TILE_ROWS
+    big = cpp_logprobs.BACKWARD_TILE_ROWS
     for m, v, chunk in [(10**5, 151936, 128), (100, 151936, 100), (37, 77, 1), (5000, 50, 2048)]:
-        tile_rows, tile_cols = ref_logprobs.backward_tile(m, v, chunk)
+        tile_rows, tile_cols = cpp_logprobs.backward_tile(m, v, chunk)
         assert tile_rows == min(m, max(chunk, big))
         assert 1 <= tile_cols <= v and tile_rows * tile_cols <= max(chunk * v, tile_rows)
         assert tile_cols == v or tile_cols < 256 or tile_cols % 256 == 0
-    assert ref_logprobs.backward_tile(100, 151936, 100) == (100, 151936)
+    assert cpp_logprobs.backward_tile(100, 151936, 100) == (100, 151936)
 
 
 @pytest.mark.parametrize("return_entropy", [False, True])
@@ -317,12 +318,13 @@ def test_int32_targets_and_noncontiguous_weight():
 
 
 def test_auto_runs_the_cpu_backend_of_the_dispatch_rule():
-    """On CPU tensors ``impl="auto"`` runs C++ when it implements the op, else the reference."""
-    from steppo_fast import _dispatch, cpu, reference
+    """On CPU tensors ``impl="auto"`` runs the cpp backend (its tuned linear_logprobs) when it
+    is built, else the reference."""
+    from steppo_fast import _dispatch, reference
 
     hidden = torch.zeros(1, 1)
     cpp = "cpp" in _dispatch.available_impls("linear_logprobs", "cpu")
-    want = cpu if cpp else reference
+    want = _dispatch._module("cpp") if cpp else reference
     assert _dispatch.resolve("auto", "linear_logprobs", hidden) is want
 
 

@@ -12,7 +12,7 @@ import torch
 from _loss_oracle import AGGS, RATIO_LEVELS, make_case, offsets_from_lengths
 from _tolerance import assert_close_to_oracle, pair_tol, unit_roundoff
 
-from steppo_fast import reference, step_policy_loss
+from steppo_fast import step_policy_loss
 
 FLOAT_KEYS = ("logp", "old_logp", "advantages", "step_weight", "ref_logp")
 OPTIONS = {
@@ -39,9 +39,9 @@ def case_scale(case, **options):
     """Sum of the magnitudes behind the loss: the fp64 loss with |advantages| (its terms then
     share a sign, so nothing cancels), or the loss itself if larger (KL terms)."""
     f64 = {k: v.double() if k in FLOAT_KEYS and v is not None else v for k, v in case.items()}
-    loss = reference.step_policy_loss(**f64, **options)[0]
-    loss_abs = reference.step_policy_loss(
-        **dict(f64, advantages=f64["advantages"].abs()), **options
+    loss = step_policy_loss(**f64, **options, impl="torch")[0]
+    loss_abs = step_policy_loss(
+        **dict(f64, advantages=f64["advantages"].abs()), **options, impl="torch"
     )[0]
     return max(abs(float(loss)), abs(float(loss_abs)))
 
@@ -51,8 +51,8 @@ def check(case, **options):
     ORACLE_FACTOR x the fp32 reference's own error (``assert_close_to_oracle``)."""
     case = {k: v.float() if k in FLOAT_KEYS and v is not None else v for k, v in case.items()}
     loss, grads = _grads(step_policy_loss, case, torch.float32, impl="triton", **options)
-    want_loss, want = _grads(reference.step_policy_loss, case, torch.float64, **options)
-    ref_loss, ref = _grads(reference.step_policy_loss, case, torch.float32, **options)
+    want_loss, want = _grads(step_policy_loss, case, torch.float64, impl="torch", **options)
+    ref_loss, ref = _grads(step_policy_loss, case, torch.float32, impl="torch", **options)
     # every result sums at most all tokens' few-operation terms (the fp32 reference keeps some
     # sums in fp64: its own error alone is no measure, the a-priori term covers that)
     n = int(case["cu_steps"][-1]) + 8

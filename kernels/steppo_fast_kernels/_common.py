@@ -8,7 +8,6 @@ after each load: the math is fp32, and the Triton interpreter computes garbage o
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -36,9 +35,3 @@ def find_segment(cu_ptr, pos, num_segments, LOG2_SEGMENTS: tl.constexpr):
 def log2_ceil(n: int) -> int:
     """Halving steps for :func:`find_segment` over ``n`` segments (at least 1)."""
     return max(1, (max(n, 1) - 1).bit_length())
-
-
-def is_fp64(*tensors) -> bool:
-    """True when any given tensor is fp64: the Triton backend then runs the torch reference
-    (Triton fp64 is not the point of the kernels; fp64 is the gradcheck path)."""
-    return any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)

@@ -32,8 +32,8 @@ import math
 
 import torch
 
+from .._defs import K3_CLAMP, LOG_RATIO_CLAMP
 from .._validate import check_finite, check_weights, min_max_all
-from ..reference.loss import K3_CLAMP, LOG_RATIO_CLAMP
 from ..reference.segments import segment_ids
 
 RHO_MAX = math.exp(LOG_RATIO_CLAMP)

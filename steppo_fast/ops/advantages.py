@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .._dispatch import resolve
 from .._validate import (
     FLOAT_DTYPES,
     check_choice,
@@ -30,7 +31,6 @@ from .._validate import (
     compute_dtype,
     read_values,
 )
-from ._resolve import resolve
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 GIGPO_MODES = ("mean_std_norm", "mean_norm")

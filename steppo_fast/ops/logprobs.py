@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from .._dispatch import resolve
 from .._validate import (
     check_finite,
     check_float,
@@ -14,7 +15,6 @@ from .._validate import (
     is_finite_number,
     min_max_all,
 )
-from ._resolve import resolve
 
 
 def _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_size) -> None:
@@ -143,7 +143,7 @@ def linear_logprobs(
         entropy = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
     """
     _validate(hidden, weight, targets, bias, temperature, return_entropy, chunk_size)
-    backend = resolve(impl, "linear_logprobs", hidden, weight)
+    backend = resolve(impl, "linear_logprobs", hidden, weight, bias)
     return backend.linear_logprobs(
         hidden,
         weight,

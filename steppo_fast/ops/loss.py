@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .._defs import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS, PackedStats, StepLossOptions
+from .._dispatch import resolve
 from .._validate import (
     check_choice,
     check_float,
@@ -21,11 +23,9 @@ from .._validate import (
     compute_dtype,
     read_values,
 )
-from ..reference.loss import AGGS, KL_KINDS, RATIO_LEVELS, STAT_KEYS, PackedStats
 from ..reference.loss import loss_normalizer as _reference_loss_normalizer
 from ..reference.segments import segment_ids
 from ._loss_checks import check_policy_magnitudes, check_values, compute_limit
-from ._resolve import resolve
 
 STATS_MODES = ("float", "tensor")
 
@@ -316,24 +316,18 @@ def step_policy_loss(
 
     tensors = (logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp)
     backend = resolve(impl, "step_policy_loss", *tensors)
-    loss, stat_tensors = backend.step_policy_loss(
-        logp,
-        old_logp,
-        advantages,
-        cu_steps,
-        cu_trajs=cu_trajs,
+    options = StepLossOptions(
         ratio_level=ratio_level,
         length_power=length_power,
         clip_low=clip_low,
         clip_high=clip_high,
         dual_clip=dual_clip,
         agg=agg,
-        step_weight=step_weight,
-        ref_logp=ref_logp,
         kl_coef=kl_coef,
         kl_type=kl_type,
         normalizer=normalizer,
     )
+    loss, stat_tensors = backend.step_policy_loss(*tensors, options)
     # backends return 0-d tensors (no sync), views of one [6] tensor (PackedStats) when they
     # can: "float" then costs one host transfer and no stacking launch
     if isinstance(stat_tensors, PackedStats):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dispatch import resolve
 from .._validate import check_float, check_offsets
-from ._resolve import resolve
 
 
 def _validate_values_offsets(x_name: str, x, cu_steps, *, x_on_segments: bool, total=None):

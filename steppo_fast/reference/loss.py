@@ -16,25 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .._defs import AGGS, K3_CLAMP, KL_KINDS, LOG_RATIO_CLAMP, PackedStats, StepLossOptions
 from .._validate import compute_dtype
 from .segments import _segment_sum_ids, segment_ids, segment_lengths
-
-RATIO_LEVELS = ("step", "token", "trajectory")
-AGGS = ("step-mean", "token-mean", "traj-mean")
-KL_KINDS = ("k1", "k2", "k3")
-LOG_RATIO_CLAMP = 20.0  # rho = exp(clamp(l, -20, 20)): finite for any finite log-ratio
-K3_CLAMP = 10.0  # k3 is clamped to [-10, 10] (verl's low_var_kl)
-STAT_KEYS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-
-
-class PackedStats(dict):
-    """The stats a backend's ``step_policy_loss`` returns: a dict ``STAT_KEYS`` -> detached 0-d
-    tensors that are views of one [6] tensor, kept as ``packed`` (in ``STAT_KEYS`` order), so
-    the public wrapper reads them without a stacking launch."""
-
-    def __init__(self, packed: torch.Tensor):
-        super().__init__(zip(STAT_KEYS, packed.unbind()))
-        self.packed = packed
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -183,20 +167,11 @@ def step_policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     cu_steps: torch.Tensor,
-    *,
-    cu_trajs: torch.Tensor | None = None,
-    ratio_level: str = "step",
-    length_power: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    agg: str = "step-mean",
-    step_weight: torch.Tensor | None = None,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    normalizer: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    cu_trajs: torch.Tensor | None,
+    step_weight: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    options: StepLossOptions,
+) -> tuple[torch.Tensor, PackedStats]:
     """Clipped step-level policy loss and its stats (see ``steppo_fast.step_policy_loss``).
 
     loss = (sum_u w_u L_u + kl_coef * sum_t w'_t k_t) / D with units u (tokens for "token",
@@ -205,8 +180,12 @@ def step_policy_loss(
     trajectory's steps with step_weight > 0 (padding steps never reach the loss).
 
     Stats are detached 0-d tensors of the compute dtype (no host sync; the public wrapper turns
-    them into Python floats when asked), keyed by ``STAT_KEYS``.
+    them into Python floats when asked), keyed by ``STAT_KEYS``. ``options`` holds the scalar
+    keywords of the public op (:class:`steppo_fast._defs.StepLossOptions`).
     """
+    ratio_level, length_power, agg = options.ratio_level, options.length_power, options.agg
+    clip_low, clip_high, dual_clip = options.clip_low, options.clip_high, options.dual_clip
+    kl_coef, kl_type, normalizer = options.kl_coef, options.kl_type, options.normalizer
     dtype = compute_dtype(logp, old_logp, advantages, step_weight, ref_logp)
     num_tokens, num_steps = logp.shape[0], advantages.shape[0]
     tok_step = segment_ids(cu_steps, num_tokens)

@@ -28,13 +28,15 @@ non-deterministic) or a second logit recomputation (+2MVH FLOPs); the bf16 dz ro
 because cuBLAS' bf16-in / fp32-out accumulation (``out_dtype``) exists only in CUDA builds of
 torch and could not be run here.
 
-fp64 inputs go to the torch reference (the gradcheck path).
+fp64 calls never reach this backend: steppo_fast._dispatch routes them to the reference.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+
+from steppo_fast._defs import default_chunk_rows
 
 from .. import _configs
 from . import kernel as _k
@@ -315,21 +317,7 @@ linear_logprobs_op.register_autograd(_backward, setup_context=_setup)
 def linear_logprobs(
     hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False, chunk_size=None
 ):
-    """Triton backend of :func:`steppo_fast.linear_logprobs` (fp64 -> torch reference)."""
-    if any(t is not None and t.dtype == torch.float64 for t in (hidden, weight, bias)):
-        from steppo_fast.reference import linear_logprobs as ref
-
-        return ref(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=temperature,
-            return_entropy=return_entropy,
-            chunk_size=chunk_size,
-        )
-    from steppo_fast.reference.logprobs import default_chunk_rows
-
+    """Triton backend of :func:`steppo_fast.linear_logprobs` (fp32 math)."""
     rows = chunk_size
     if rows is None:  # the budget holds the backward's [rows, V] buffer of the GEMM dtype
         itemsize = gemm_dtype(hidden, weight).itemsize

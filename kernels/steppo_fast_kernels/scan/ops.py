@@ -6,7 +6,7 @@ Backward of ``G_t = r_t + gamma G_{t+1}`` (segmented, ``G_T = gamma-bootstrapped
 ``dr = y`` with ``y_t = g_t + gamma y_{t-1}`` (the same kernel scanning forward), and
 ``d last_value_b = gamma * y[last element of b]`` (0 for an empty trajectory).
 
-fp64 inputs go to the torch reference (the gradcheck path).
+fp64 calls never reach these functions: steppo_fast._dispatch routes them to the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .. import _configs
-from .._common import is_fp64, log2_ceil
+from .._common import log2_ceil
 from . import kernel as _k
 
 _NS = "steppo_fast_triton"
@@ -183,10 +183,6 @@ discounted_returns_op.register_autograd(_returns_backward, setup_context=_return
 
 def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None):
     """Triton backend of :func:`steppo_fast.step_gae` (raw advantages and returns, no grad)."""
-    if is_fp64(rewards, values, last_values):
-        from steppo_fast.reference import step_gae as ref
-
-        return ref(rewards, values, cu_trajs, gamma=gamma, lam=lam, last_values=last_values)
     with torch.no_grad():
         adv, ret = step_gae_op(rewards, values, cu_trajs, last_values, float(gamma), float(lam))
     return adv, ret
@@ -195,8 +191,4 @@ def step_gae(rewards, values, cu_trajs, *, gamma=1.0, lam=1.0, last_values=None)
 def discounted_returns(rewards, cu_trajs, *, gamma=1.0, last_values=None):
     """Triton backend of :func:`steppo_fast.discounted_returns` (differentiable w.r.t.
     ``rewards`` and ``last_values``)."""
-    if is_fp64(rewards, last_values):
-        from steppo_fast.reference import discounted_returns as ref
-
-        return ref(rewards, cu_trajs, gamma=gamma, last_values=last_values)
     return discounted_returns_op(rewards, cu_trajs, last_values, float(gamma))

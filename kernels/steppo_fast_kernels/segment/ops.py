@@ -9,7 +9,7 @@ AOT dispatch, which breaks on CPU tensors under the Triton interpreter. Autograd
 - mean:      d x = broadcast(d out / n_s)        (the same kernel, ``mean=True``)
 - broadcast: d y = segment_sum(d out)            (one reduce launch)
 
-fp64 inputs go to the torch reference (the gradcheck path; Triton fp64 is not the point).
+fp64 calls never reach these functions: steppo_fast._dispatch routes them to the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .. import _configs
-from .._common import is_fp64, log2_ceil
+from .._common import log2_ceil
 from . import kernel as _k
 
 _NS = "steppo_fast_triton"
@@ -126,30 +126,18 @@ segment_expand_op.register_autograd(_expand_backward, setup_context=_expand_setu
 
 
 def segment_sum(x, cu_steps):
-    """Triton backend of :func:`steppo_fast.segment_sum` (fp64 -> torch reference)."""
-    if is_fp64(x):
-        from steppo_fast.reference import segment_sum as ref
-
-        return ref(x, cu_steps)
+    """Triton backend of :func:`steppo_fast.segment_sum` (fp32 math)."""
     return segment_reduce_op(x, cu_steps, False)
 
 
 def segment_mean(x, cu_steps):
     """Triton backend of :func:`steppo_fast.segment_mean` (empty segment -> 0)."""
-    if is_fp64(x):
-        from steppo_fast.reference import segment_mean as ref
-
-        return ref(x, cu_steps)
     return segment_reduce_op(x, cu_steps, True)
 
 
 def segment_broadcast(y, cu_steps, *, total=None):
     """Triton backend of :func:`steppo_fast.segment_broadcast`. The output length is ``total``
     when given, else read from ``cu_steps[-1]`` on the host (one sync, like the reference)."""
-    if is_fp64(y):
-        from steppo_fast.reference import segment_broadcast as ref
-
-        return ref(y, cu_steps, total=total)
     if total is None:
         total = int(cu_steps[-1])
     return segment_expand_op(y, cu_steps, total, False)

@@ -12,17 +12,17 @@ asked) that also writes d advantages and d step_weight per step (the trajectory 
 are in the forward's table).
 
 Differentiable w.r.t. logp, old_logp, advantages, step_weight and ref_logp (one backward
-kernel writes them all). fp64 inputs go to the torch reference (gradcheck path).
+kernel writes them all). The options travel as one ``StepLossOptions`` (the registered ops take
+its scalars in ``StepLossOptions.scalars()`` order, then ``normalizer``). fp64 calls never reach
+this backend: steppo_fast._dispatch routes them to the reference.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 
-from steppo_fast.reference.loss import PackedStats
+from steppo_fast._defs import PackedStats, StepLossOptions
 
 from .. import _configs
 from . import kernel as _k
@@ -41,19 +41,10 @@ _KL = {"k1": _k.KL_K1, "k2": _k.KL_K2, "k3": _k.KL_K3}
 # kernel's BLOCK_S, with their num_warps.
 
 
-@dataclasses.dataclass(frozen=True)
-class LossOptions:
-    """Scalar options of the loss, encoded for the registered op (ints for the choices)."""
-
-    ratio_level: int  # _k.RATIO_*
-    agg: int  # _k.AGG_*
-    kl_type: int  # _k.KL_* (KL_NONE when kl_coef == 0)
-    length_power: float
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    kl_coef: float
-    normalizer: float | None
+def _codes(o: StepLossOptions) -> tuple[int, int, int]:
+    """(ratio level, agg, KL kind) as the kernels' constexpr codes (KL_NONE when kl_coef == 0)."""
+    kl = _KL[o.kl_type] if o.kl_coef != 0.0 else _k.KL_NONE
+    return _RATIO[o.ratio_level], _AGG[o.agg], kl
 
 
 def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, o):
@@ -62,12 +53,13 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
     logp, old_logp, advantages = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
     cu_steps = cu_steps.contiguous()
     device, num_steps = logp.device, advantages.shape[0]
+    ratio, agg, kl_type = _codes(o)
     # every column of every row is written by the forward kernel(s)
     table = torch.empty(num_steps, _k.NUM_COLS, dtype=torch.float32, device=device)
     lr_sum = torch.empty(num_steps, dtype=torch.float32, device=device)
     sw = step_weight.contiguous() if step_weight is not None else lr_sum  # placeholder if None
-    ref = ref_logp.contiguous() if (ref_logp is not None and o.kl_type) else logp
-    needs_traj = o.agg == _k.AGG_TRAJ or o.ratio_level == _k.RATIO_TRAJ
+    ref = ref_logp.contiguous() if (ref_logp is not None and kl_type) else logp
+    needs_traj = agg == _k.AGG_TRAJ or ratio == _k.RATIO_TRAJ
     dual = o.dual_clip if o.dual_clip is not None else 0.0
     gpu = _configs.gpu_of(device)
     if num_steps > 0:
@@ -87,9 +79,9 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             o.clip_high,
             dual,
             o.kl_coef,
-            RATIO=o.ratio_level,
-            AGG=o.agg,
-            KL_TYPE=o.kl_type,
+            RATIO=ratio,
+            AGG=agg,
+            KL_TYPE=kl_type,
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
             NUM_COLS=_k.NUM_COLS,
@@ -111,8 +103,8 @@ def policy_loss_forward(logp, old_logp, advantages, cu_steps, cu_trajs, step_wei
             o.clip_high,
             dual,
             o.kl_coef,
-            RATIO=o.ratio_level,
-            AGG=o.agg,
+            RATIO=ratio,
+            AGG=agg,
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
             NUM_COLS=_k.NUM_COLS,
@@ -147,7 +139,8 @@ def policy_loss_backward(
     need_old, need_ref, need_sw = need
     logp, old_logp, advantages = logp.contiguous(), old_logp.contiguous(), advantages.contiguous()
     device, num_tokens, num_steps = logp.device, logp.shape[0], advantages.shape[0]
-    kl_type = o.kl_type if ref_logp is not None else _k.KL_NONE
+    ratio, _, kl_type = _codes(o)
+    kl_type = kl_type if ref_logp is not None else _k.KL_NONE
     # The kernel writes every token of every step (cu_steps ends at A) and every step: no
     # memset, except for d ref_logp without a KL term and for an empty batch.
     d_logp = torch.empty(num_tokens, dtype=torch.float32, device=device)
@@ -185,7 +178,7 @@ def policy_loss_backward(
             o.clip_high,
             o.dual_clip if o.dual_clip is not None else 0.0,
             o.kl_coef,
-            RATIO=o.ratio_level,
+            RATIO=ratio,
             KL_TYPE=kl_type,
             HAS_WEIGHT=step_weight is not None,
             HAS_DUAL=o.dual_clip is not None,
@@ -216,19 +209,20 @@ def step_policy_loss_op(
     cu_trajs: torch.Tensor | None,
     step_weight: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
-    ratio_level: int,
-    agg: int,
-    kl_type: int,
+    ratio_level: str,
     length_power: float,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
+    agg: str,
     kl_coef: float,
+    kl_type: str,
     normalizer: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss 0-d, stats [6], denominator 0-d, per-step table [S, NUM_COLS]), fp32."""
-    o = LossOptions(
-        ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
+    """(loss 0-d, stats [6], denominator 0-d, per-step table [S, NUM_COLS]), fp32; the scalars
+    are a ``StepLossOptions``'s fields in order."""
+    o = StepLossOptions(
+        ratio_level, length_power, clip_low, clip_high, dual_clip, agg, kl_coef, kl_type, normalizer
     )
     return policy_loss_forward(
         logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, o
@@ -258,14 +252,14 @@ def step_policy_loss_backward_op(
     loss: torch.Tensor,
     denominator: torch.Tensor,
     table: torch.Tensor,
-    ratio_level: int,
-    agg: int,
-    kl_type: int,
+    ratio_level: str,
     length_power: float,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
+    agg: str,
     kl_coef: float,
+    kl_type: str,
     normalizer: float | None,
     need_old: bool,
     need_ref: bool,
@@ -273,8 +267,8 @@ def step_policy_loss_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d logp [A], d old_logp [A] or [0], d ref_logp [A] or [0], d advantages [S],
     d step_weight [S] or [0]), fp32."""
-    o = LossOptions(
-        ratio_level, agg, kl_type, length_power, clip_low, clip_high, dual_clip, kl_coef, normalizer
+    o = StepLossOptions(
+        ratio_level, length_power, clip_low, clip_high, dual_clip, agg, kl_coef, kl_type, normalizer
     )
     inputs = (logp, old_logp, advantages, cu_steps, step_weight, ref_logp)
     fwd = (loss, denominator, table)
@@ -295,7 +289,7 @@ def _(grad, logp, old_logp, advantages, cu_steps, step_weight, ref_logp, *rest):
     )
 
 
-_OPTION_NAMES = [f.name for f in dataclasses.fields(LossOptions)]
+_NUM_SCALARS = 9  # the StepLossOptions fields, in order
 
 
 def _setup(ctx, inputs, output):
@@ -324,73 +318,22 @@ def _backward(ctx, grad_loss, grad_stats, grad_denominator, grad_table):
             g.to(dtype) if (g is not None and needed) else None
             for g, dtype, needed in zip(per_input, ctx.dtypes, need[:7])
         ),
-        *([None] * len(_OPTION_NAMES)),
+        *([None] * _NUM_SCALARS),
     )
 
 
 step_policy_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
-# ---- backend function (reference signature) ----
+# ---- backend function ----
 
 
 def step_policy_loss(
-    logp,
-    old_logp,
-    advantages,
-    cu_steps,
-    *,
-    cu_trajs=None,
-    ratio_level="step",
-    length_power=1.0,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=None,
-    agg="step-mean",
-    step_weight=None,
-    ref_logp=None,
-    kl_coef=0.0,
-    kl_type="k3",
-    normalizer=None,
+    logp, old_logp, advantages, cu_steps, cu_trajs, step_weight, ref_logp, options: StepLossOptions
 ):
     """Triton backend of :func:`steppo_fast.step_policy_loss` -> (loss, stats), the stats a
     dict of detached fp32 0-d tensors, views of the finishing kernel's [6] output
-    (``PackedStats``; no host sync, no stacking launch; the public wrapper converts them).
-
-    fp64 inputs run the torch reference."""
-    tensors = (logp, old_logp, advantages, step_weight, ref_logp)
-    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
-        from steppo_fast.reference import step_policy_loss as ref
-
-        return ref(
-            logp,
-            old_logp,
-            advantages,
-            cu_steps,
-            cu_trajs=cu_trajs,
-            ratio_level=ratio_level,
-            length_power=length_power,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
-            agg=agg,
-            step_weight=step_weight,
-            ref_logp=ref_logp,
-            kl_coef=kl_coef,
-            kl_type=kl_type,
-            normalizer=normalizer,
-        )
-    o = LossOptions(
-        ratio_level=_RATIO[ratio_level],
-        agg=_AGG[agg],
-        kl_type=_KL[kl_type] if kl_coef != 0.0 else _k.KL_NONE,
-        length_power=float(length_power),
-        clip_low=float(clip_low),
-        clip_high=float(clip_high),
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        kl_coef=float(kl_coef),
-        normalizer=None if normalizer is None else float(normalizer),
-    )
+    (``PackedStats``; no host sync, no stacking launch; the public wrapper converts them)."""
     loss, stats, _, _ = step_policy_loss_op(
         logp,
         old_logp,
@@ -398,7 +341,8 @@ def step_policy_loss(
         cu_steps,
         cu_trajs,
         step_weight,
-        ref_logp if o.kl_type != _k.KL_NONE else None,
-        **dataclasses.asdict(o),
+        ref_logp if options.kl_coef != 0.0 else None,
+        *options.scalars(),
+        None if options.normalizer is None else float(options.normalizer),
     )
     return loss, PackedStats(stats.detach())

@@ -1,4 +1,4 @@
-"""Thread count of the C++ CPU kernels (re-exported as ``steppo_fast.cpu.set_num_threads``,
+"""Thread count of the C++ CPU kernels (re-exported as ``steppo_fast.cpp.set_num_threads``,
 ``get_num_threads`` and ``num_threads``).
 
 By default the kernels follow torch's intra-op setting (``torch.set_num_threads``), and a
@@ -20,7 +20,7 @@ import contextlib
 import operator
 from collections.abc import Iterator
 
-from . import _C
+from .. import _C
 
 MAX_THREADS = 1 << 16
 
