@@ -100,7 +100,7 @@ def worker(args) -> dict:
         from steppo_fast import linear_logprobs
 
         def fwd(h, w, t):
-            return linear_logprobs(h, w, t, impl="torch")
+            return linear_logprobs(h, w, t, impl="auto")
 
     # The op's input is hidden[rows] (a [M, H] copy the trainer makes with its gather; made
     # here before the measurement, as a leaf, so that its gradient is the fresh [M, H] one).

@@ -3,7 +3,8 @@
 Implementations (each measured in a fresh subprocess, since peak RSS is per process):
 
 - ``naive``: ``torch.log_softmax(hidden @ weight.T, -1).gather(...)`` (materialises [M, V]).
-- ``steppo_fast``: ``steppo_fast.linear_logprobs(impl="torch")`` (chunked, recomputing).
+- ``steppo_fast``: ``steppo_fast.linear_logprobs(impl="auto")``, on CPU the ``cpp`` backend's
+  tuned version (chunked, recomputing; ``steppo_fast.cpp.logprobs``).
   ``steppo_fast@R`` forces R rows per chunk (budget sweep); ``steppo_fast+entropy`` also
   returns the entropy and back-propagates a random upstream gradient through it.
 - ``liger``: liger-kernel's per-token log-prob path, the custom autograd Function that
@@ -83,14 +84,14 @@ def build(impl: str):
         if impl == "steppo_fast+entropy":
 
             def run(h, w, t, g):
-                logp, ent = linear_logprobs(h, w, t, return_entropy=True, impl="torch")
+                logp, ent = linear_logprobs(h, w, t, return_entropy=True, impl="auto")
                 torch.autograd.backward((logp, ent), (g, g.flip(0)))
                 return logp
 
             return run
 
         def fwd(h, w, t):
-            return linear_logprobs(h, w, t, chunk_size=rows, impl="torch")
+            return linear_logprobs(h, w, t, chunk_size=rows, impl="auto")
 
     elif impl == "liger":
         from liger_kernel.chunked_loss.fused_linear_ppo import (
@@ -262,7 +263,7 @@ def interleaved_sweep(m: int, h: int, rows_list, rounds: int) -> list[dict]:
             if c in ("floor", "floor_onednn"):
                 floor_time(hidden.detach(), weight.detach(), "mm" if c == "floor" else "onednn")
             else:
-                linear_logprobs(hidden, weight, targets, chunk_size=c, impl="torch").backward(
+                linear_logprobs(hidden, weight, targets, chunk_size=c, impl="auto").backward(
                     upstream
                 )
             times[c].append(time.perf_counter() - t0)

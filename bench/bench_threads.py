@@ -1,7 +1,7 @@
 """One vs two threads in the C++ kernels, idle or loaded: where a second thread pays off.
 
 For each kernel (the raw ``torch.ops.steppo_fast`` op, no Python validation) and input size
-n, times the op on 1 thread (``steppo_fast.cpu.set_num_threads(1)``) and on 2 threads with
+n, times the op on 1 thread (``steppo_fast.cpp.set_num_threads(1)``) and on 2 threads with
 the parallel thresholds disabled (``_C._set_parallel_min(0)``: every call opens an OpenMP
 region), and on 2 threads with the kernels' own thresholds (what users get by default).
 ``--hogs N`` runs N background ``while 1: pass`` processes for the whole measurement (one per
@@ -31,9 +31,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import steppo_fast.cpu as sfc  # noqa: E402
+import steppo_fast.cpp as sfc  # noqa: E402
 from bench.harness import cpu_hogs, machine_info, print_table, time_stats, write_results  # noqa: E402
 from steppo_fast import _C  # noqa: E402
+from steppo_fast._defs import StepLossOptions  # noqa: E402
 
 SIZES = [1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
 KERNELS = ("scan", "whiten", "broadcast", "segsum", "loss")
@@ -78,7 +79,7 @@ def make_call(kernel: str, n: int):
         cu_trajs = torch.arange(0, steps + 1, 32, dtype=torch.int32)
         if int(cu_trajs[-1]) != steps:
             cu_trajs = torch.cat([cu_trajs, torch.tensor([steps], dtype=torch.int32)])
-        opts = sfc.PolicyLossOptions().op_args()
+        opts = StepLossOptions().scalars()
         return lambda: ops.step_policy_loss(logp, old, adv, cu, cu_trajs, None, None, *opts, True)
     raise ValueError(f"--kernels: unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
 

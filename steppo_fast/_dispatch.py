@@ -60,15 +60,17 @@ class Facts:
     fp64: bool  # some input is an fp64 tensor
     grad_after_first: bool  # grad mode is on and an input other than the first requires grad
 
-    @classmethod
-    def of(cls, tensors) -> Facts:
-        present = [t for t in tensors if isinstance(t, torch.Tensor)]
-        return cls(
-            device_type=present[0].device.type if present else "cpu",
-            fp64=any(t.dtype == torch.float64 for t in present),
-            grad_after_first=torch.is_grad_enabled()
-            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors[1:]),
-        )
+
+def _facts_of(tensors) -> tuple[str, bool, bool]:
+    """The fields of :class:`Facts` for a call's tensors, as plain values (Dynamo traces this
+    without constructing a dataclass)."""
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]
+    device_type = present[0].device.type if present else "cpu"
+    fp64 = any(t.dtype == torch.float64 for t in present)
+    grad_after_first = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors[1:]
+    )
+    return device_type, fp64, grad_after_first
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,7 @@ def _traceable_import(name: str):
 def resolve(impl: str, op: str, *tensors):
     """The backend module running ``op`` for ``tensors`` (every tensor input of the call, the
     differentiable one first; None entries allowed) under ``impl`` (see :func:`choose`)."""
-    facts = Facts.of(tensors)
+    facts = _facts_of(tensors)
     if not torch.compiler.is_compiling():
-        return _resolve_eager(impl, op, facts)
-    name = _backend_name(impl, op, facts.device_type, facts.fp64, facts.grad_after_first)
-    return _traceable_import(name)
+        return _resolve_eager(impl, op, Facts(*facts))
+    return _traceable_import(_backend_name(impl, op, *facts))

@@ -62,3 +62,32 @@ def test_cli_prints_text_and_dot(ig, capsys):
     dot = capsys.readouterr().out
     assert dot.startswith("digraph") and '"steppo_fast.cpp._registry" -> "steppo_fast._C";' in dot
     assert ig.main(["--check"]) == 0
+
+
+def test_no_backend_imports_the_reference_dispatch_or_ops(ig):
+    graph = ig.edges(ig.discover())
+    assert ig.separation_violations(graph) == []
+    backends = [m for m in graph if m.startswith(("steppo_fast.kernels", "steppo_fast.cpp"))]
+    assert (
+        "steppo_fast.cpp.logprobs" in backends and "steppo_fast.kernels.step_loss.ops" in backends
+    )
+    # shared names come from the leaf module, not from the reference
+    assert "steppo_fast._defs" in graph["steppo_fast.kernels.step_loss.ops"]
+    assert "steppo_fast._defs" in graph["steppo_fast.reference.loss"]
+    assert graph["steppo_fast._defs"] == set()
+
+
+def test_separation_check_catches_a_backend_importing_upward(ig):
+    bad = {
+        "steppo_fast.kernels.scan.ops": {"steppo_fast.reference"},
+        "steppo_fast.cpp.ops": {"steppo_fast.reference.loss", "steppo_fast._defs"},
+        "steppo_fast.cpp": {"steppo_fast._dispatch"},
+        "steppo_fast.kernels": {"steppo_fast.ops.loss"},
+        "steppo_fast.reference.loss": {"steppo_fast._defs"},  # allowed
+        "steppo_fast.ops.loss": {"steppo_fast.reference.loss"},  # allowed (ops above backends)
+    }
+    found = ig.separation_violations(bad)
+    assert len(found) == 4
+    assert found[0].startswith("steppo_fast.cpp (backend) imports steppo_fast._dispatch")
+    assert any("kernels.scan.ops (backend) imports steppo_fast.reference" in f for f in found)
+    assert ig.problems(bad) == found  # no cycle, no rank violation among these

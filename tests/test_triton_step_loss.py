@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
 from steppo_fast import step_policy_loss
+from steppo_fast._defs import StepLossOptions
 
 STEP_LENGTHS = [3, 1, 70, 5, 1, 1, 129, 2, 9, 17, 1, 4, 33]  # odd sizes, one-token steps
 TRAJ_LENGTHS = [4, 1, 0, 6, 2]  # one-step and empty trajectories
@@ -246,11 +247,11 @@ def test_fp64_runs_the_reference_and_passes_gradcheck():
 
 
 def op_options(**overrides) -> dict:
-    """Scalar options of the registered op (ints for the choices, see step_loss_ops)."""
+    """Scalar options of the registered op (the fields of StepLossOptions)."""
     options = dict(
-        ratio_level=2,
-        agg=2,
-        kl_type=3,
+        ratio_level="trajectory",
+        agg="traj-mean",
+        kl_type="k3",
         length_power=1.0,
         clip_low=0.2,
         clip_high=0.2,
@@ -355,9 +356,7 @@ def test_forward_and_backward_run_no_torch_compute_op(monkeypatch, ratio, agg, f
     + the finishing kernel, backward = one kernel: no torch epilogue (no sum, min, where,
     division, segment op) around them."""
     b = make_batch()
-    options = step_loss_ops.LossOptions(
-        **op_options(ratio_level=step_loss_ops._RATIO[ratio], agg=step_loss_ops._AGG[agg])
-    )
+    options = StepLossOptions(**op_options(ratio_level=ratio, agg=agg))
     tensors = (b["logp"], b["old"], b["adv"], b["cu_steps"])
     grad = torch.tensor(1.0)
     launches = _CountLaunches(monkeypatch)

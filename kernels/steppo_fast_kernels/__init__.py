@@ -1,7 +1,8 @@
 """Triton backend of steppo_fast (installed as ``steppo_fast.kernels``).
 
-Exposes functions named like the public ops, with the reference signatures minus ``impl``
-(the backend contract of :mod:`steppo_fast._dispatch`); they take already-validated inputs.
+Exposes functions named like the public ops, with the public signatures minus ``impl`` (the
+loss: its tensors and one ``StepLossOptions``; the backend contract of
+:mod:`steppo_fast._dispatch`); they take already-validated inputs and never import the reference.
 One folder per op family (``segment``, ``scan``, ``logprobs``, ``step_loss``), one rule in
 each: the ``@triton.jit`` code lives in ``kernel*.py`` files (kernels, jit helpers and their
 constexpr constants; no torch import, no launch), and ``ops.py`` holds the host side: the
@@ -22,8 +23,9 @@ launcher -> registered op (``torch.library.custom_op`` + ``register_fake`` +
 Triton is imported when this package is imported (the kernels are ``@triton.jit`` functions);
 without triton the import fails with ImportError, which the dispatcher reports as "triton is not
 installed". On CPU tensors the kernels run only under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before triton is first imported). fp64 inputs are handed to the
-torch reference (Triton fp64 is not the point: fp64 is the gradcheck path).
+(``TRITON_INTERPRET=1`` set before triton is first imported). The kernels compute in fp32: fp64
+calls are routed to the torch reference by a rule of :mod:`steppo_fast._dispatch` (fp64 is the
+gradcheck path).
 
 Ops without a kernel here (whiten, group_advantages, gigpo_advantages, value_loss,
 kl_penalty) are absent on purpose: ``impl="auto"`` then uses the reference (see

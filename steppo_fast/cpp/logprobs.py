@@ -2,28 +2,17 @@
 in-place row kernels, preallocated buffers); the readable spec is
 :mod:`steppo_fast.reference.logprobs`, which it is tested against.
 
-For rows i (e.g. the hidden states that predict action tokens) and vocabulary entries j::
-
-    z_ij    = (hidden_i . weight_j + bias_j) / T                 scaled logits
-    lse_i   = log sum_j exp(z_ij)
-    logp_i  = z_{i, t_i} - lse_i                                 t_i = targets[i]
-    H_i     = lse_i - sum_j p_ij z_ij = -sum_j p_ij log p_ij     p_ij = exp(z_ij - lse_i)
-
-Gradients w.r.t. the logits, for upstream gradients g_i (of logp) and e_i (of H)::
-
-    d logp_i / d z_ij = [j == t_i] - p_ij
-    d H_i / d z_ij    = -p_ij (z_ij - sum_k p_ik z_ik) = -p_ij (log p_ij + H_i)
-    dz_ij = g_i [j == t_i] - p_ij (g_i + e_i (log p_ij + H_i))
-    d hidden = dz @ weight / T,  d weight = dz^T @ hidden / T,  d bias = dz^T 1 / T
+The math and notation (z, lse, logp, H, the logit gradient dz) are the reference's; this module
+computes the same quantities with fewer passes over memory.
 
 The [M, V] logits are never materialised: rows are processed in chunks of ``rows`` (chosen from
-the shapes by :func:`default_chunk_rows`); one chunk's [rows, V] logits is the only large
-temporary alive at a time. Forward keeps only the inputs (and the entropy, when asked); backward
-recomputes each chunk's logits with the same GEMM, turns that buffer into the logit gradient in
-place (in-place row softmax, one scatter for the one-hot), writes that chunk's d hidden and
-accumulates d weight / d bias in place into one preallocated buffer (``addmm_``, beta = 1; the
-first chunk uses beta = 0, so nothing is zero-filled). Per-row scalings (``-g_i / T``) are
-applied to the small [rows, H] operands, never to the [rows, V] buffer.
+the shapes by :func:`steppo_fast._defs.default_chunk_rows`); one chunk's [rows, V] logits is the
+only large temporary alive at a time. Forward keeps only the inputs (and the entropy, when
+asked); backward recomputes each chunk's logits with the same GEMM, turns that buffer into the
+logit gradient in place (in-place row softmax, one scatter for the one-hot), writes that chunk's
+d hidden and accumulates d weight / d bias in place into one preallocated buffer (``addmm_``,
+beta = 1; the first chunk uses beta = 0, so nothing is zero-filled). Per-row scalings (``-g_i /
+T``) are applied to the small [rows, H] operands, never to the [rows, V] buffer.
 
 GEMMs are torch's, multi-threaded: for fp32 CPU tensors the two products with a [rows, V]
 output or input (logits, d hidden) run on oneDNN (``torch.ops.mkldnn._linear_pointwise``, IEEE
