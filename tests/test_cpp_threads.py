@@ -19,6 +19,8 @@ import pytest
 import torch
 from _cpp_helpers import requires_cpp
 
+from steppo_fast._defs import StepLossOptions
+
 pytestmark = requires_cpp
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -66,9 +68,8 @@ def run_all(cpu, n_steps: int = 6000, seed: int = 0) -> dict[str, torch.Tensor]:
     }
     for level in ("step", "token", "trajectory"):
         lp = logp.clone().requires_grad_(True)
-        loss, stats = cpu.step_policy_loss(
-            lp, old, adv, cu_steps, cu_trajs=cu_trajs, ratio_level=level, agg="token-mean"
-        )
+        options = StepLossOptions(ratio_level=level, agg="token-mean")
+        loss, stats = cpu.step_policy_loss(lp, old, adv, cu_steps, cu_trajs, None, None, options)
         (grad,) = torch.autograd.grad(loss, lp)
         out[f"loss_{level}"] = loss.detach().reshape(1)
         out[f"loss_{level}_stats"] = stats.packed.float()
