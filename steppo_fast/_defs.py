@@ -60,11 +60,6 @@ class StepLossOptions:
             self.kl_type,
         )
 
-    @property
-    def uses_trajectories(self) -> bool:
-        """True when the options need ``cu_trajs`` (trajectory ratios or traj-mean)."""
-        return self.ratio_level == "trajectory" or self.agg == "traj-mean"
-
 
 class PackedStats(dict):
     """The stats a backend's ``step_policy_loss`` returns: a dict ``STAT_KEYS`` -> detached 0-d

@@ -115,7 +115,7 @@ def reference_logprobs(
 
 
 # every stat ppo_update reports (summed over ranks under data parallelism); not the loss's
-# steppo_fast.reference.loss.STAT_KEYS, of which it reports clip_frac, approx_kl, ratio_mean
+# steppo_fast._defs.STAT_KEYS, of which it reports clip_frac, approx_kl, ratio_mean
 UPDATE_STAT_KEYS = (
     "policy_loss",
     "value_loss",

@@ -5,13 +5,15 @@ With ``z_ij = (h_i . w_j + b_j) * inv_temp`` (rows i of hidden [M, H], vocab row
 [V, H])::
 
     lse_i  = log sum_j exp(z_ij),   logp_i = z_{i,t_i} - lse_i,
-    H_i    = lse_i - sum_j p_ij z_ij,                      p_ij = exp(z_ij - lse_i)
+    H_i    = lse_i - sum_j p_ij z_ij = log S_i - Q_i / S_i,   p_ij = exp(z_ij - lse_i)
     dz_ij  = g_i [j == t_i] - p_ij (g_i + e_i (z_ij - lse_i + H_i))
 
 - ``lse_fwd_kernel``: one program per ``BLOCK_M`` rows streams the vocabulary in
   ``BLOCK_V`` tiles; each logit tile is a ``tl.dot`` over ``BLOCK_H`` slices of H with an fp32
-  accumulator; an online (running max, rescaled sum) log-sum-exp, the running ``sum p z`` for the
-  entropy and the target logit are kept per row. Nothing of size [M, V] is ever written.
+  accumulator; an online (running max m, rescaled sum S = sum exp(z - m)) log-sum-exp, the
+  running Q = sum exp(z - m) (z - m) for the entropy (about the running max, so H = log S - Q / S
+  has no cancellation of two ~|z| terms when logits are large) and the target logit are kept per
+  row. Nothing of size [M, V] is ever written.
 - ``logit_grad_kernel``: one program per ``BLOCK_V`` vocabulary entries walks the rows of one
   chunk ``BLOCK_M`` at a time, recomputes the logit tile, forms ``dz * inv_temp`` in fp32, writes
   it into the chunk's [rows, V] buffer **in the GEMM dtype** (rounded once, to nearest even) and
@@ -113,7 +115,7 @@ def lse_fwd_kernel(
     target = tl.load(t_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum exp(z - run_max)
-    run_pz = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum exp(z - run_max) * z
+    run_q = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum exp(z - run_max) * (z - run_max)
     target_z = tl.zeros([BLOCK_M], dtype=tl.float32)
     for v0 in range(0, vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -138,17 +140,20 @@ def lse_fwd_kernel(
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
         p = tl.exp(z - new_max[:, None])
+        run_sum_old = run_sum
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
         if WANT_ENTROPY:
-            pz = p * tl.where(cols[None, :] < vocab, z, 0.0)  # p = 0 on padded columns
-            run_pz = run_pz * rescale + tl.sum(pz, axis=1)
+            # Q about the new max: rescale * (Q + (old max - new max) S) + this tile's terms
+            shift = tl.where(run_sum_old > 0, run_max - new_max, 0.0) * run_sum_old  # no -inf*0
+            zc = tl.where(cols[None, :] < vocab, z - new_max[:, None], 0.0)  # p = 0 on padding
+            run_q = (run_q + shift) * rescale + tl.sum(p * zc, axis=1)
         run_max = new_max
         target_z += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
     lse = run_max + tl.log(run_sum)
     tl.store(logp_ptr + rows, target_z - lse, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if WANT_ENTROPY:
-        tl.store(ent_ptr + rows, lse - run_pz / run_sum, mask=row_mask)
+        tl.store(ent_ptr + rows, tl.log(run_sum) - run_q / run_sum, mask=row_mask)
 
 
 @triton.jit
