@@ -4,7 +4,7 @@
 //   * float inputs may be fp32, bf16, fp16 (upcast per element, accumulated in double, written
 //     as fp32) or fp64 (computed and written as fp64);
 //   * offsets (cu_*) are int32 or int64 (kernels are templated on the index type);
-//   * inputs arrive validated from Python (steppo_fast.ops) and contiguous (steppo_fast.cpu
+//   * inputs arrive validated from Python (steppo_fast.ops) and contiguous (steppo_fast.cpp
 //     makes them so); the TORCH_CHECKs here only guard against misuse of the raw torch ops.
 #pragma once
 
@@ -32,7 +32,7 @@ inline at::ScalarType out_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ---- Threads (steppo_fast.cpu.set_num_threads) and when to use them.
+// ---- Threads (steppo_fast.cpp.set_num_threads) and when to use them.
 //
 // Kernels split their flat axis into chunks run by parallel_for_chunks (parallel.h: the
 // caller never waits for a thread that was not scheduled, unlike an OpenMP region, which

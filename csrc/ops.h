@@ -1,6 +1,6 @@
 // Declarations of the CPU kernels' entry points (one definition file per op family), bound
 // as torch ops in register.cpp. Semantics: see each definition file's header comment and the
-// Python backend steppo_fast/cpu.py.
+// Python backend steppo_fast/cpp/ops.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>

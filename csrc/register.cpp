@@ -1,8 +1,8 @@
 // Registers the CPU kernels as torch ops in the `steppo_fast` namespace
 // (torch.ops.steppo_fast.*), and defines the importable (empty) Python module
 // steppo_fast._C whose import loads this library. Fake (meta) kernels and autograd formulas
-// are registered from Python in steppo_fast/cpu.py. The module also carries the thread knobs
-// (steppo_fast.cpu.set_num_threads).
+// are registered from Python in steppo_fast/cpp/_registry.py. The module also carries the thread
+// knobs (steppo_fast.cpp.set_num_threads).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@
 namespace {
 
 // _C._set_num_threads(n): the kernels' thread count, 0 = follow torch.get_num_threads().
-// Validated in Python (steppo_fast.cpu.set_num_threads); checked again here.
+// Validated in Python (steppo_fast.cpp.set_num_threads); checked again here.
 PyObject* set_num_threads(PyObject*, PyObject* arg) {
   const long n = PyLong_AsLong(arg);
   if (n == -1 && PyErr_Occurred()) return nullptr;
