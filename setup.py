@@ -56,6 +56,7 @@ setup(
     packages=[
         "steppo_fast",
         "steppo_fast.batch",
+        "steppo_fast.cpp",
         "steppo_fast.reference",
         "steppo_fast.ops",
         "steppo_fast.trainer",
