@@ -143,6 +143,8 @@ def test_train_eval_resume_compare(tmp_path, capsys):
                 "grpo,gspo",
                 "--seeds",
                 "2",
+                "--lr-grid",
+                "1e-3",
                 "--env",
                 "doors",
                 "--iters",
@@ -155,9 +157,9 @@ def test_train_eval_resume_compare(tmp_path, capsys):
         == 0
     )
     table = (cmp_dir / "results.md").read_text()
-    assert "| grpo |" in table and "| gspo |" in table and "+-" in table
+    assert "| grpo | 0.001 | 2 |" in table and "| gspo | 0.001 | 2 |" in table
     assert (cmp_dir / "curves.png").stat().st_size > 1000
-    for run in ("grpo-s0", "grpo-s1", "gspo-s0", "gspo-s1"):
+    for run in ("grpo-lr0.001-s0", "grpo-lr0.001-s1", "gspo-lr0.001-s0", "gspo-lr0.001-s1"):
         assert (cmp_dir / run / "checkpoint.pt").exists()
 
 

@@ -36,7 +36,7 @@ from steppo_fast.trainer.checkpoint import (
     write_checkpoint,
 )
 from steppo_fast.trainer.cli import main
-from steppo_fast.trainer.compare import run_compare
+from steppo_fast.trainer.compare import run_compare, run_config
 from steppo_fast.trainer.config import TrainConfig
 from steppo_fast.trainer.loop import CHECKPOINT, Trainer
 from steppo_fast.trainer.runfiles import RunFileError, atomic_write_text
@@ -131,9 +131,12 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(done_run, tmp_path, caps
     err = one_line(capsys, ["train", "--resume", "--out", str(run_dir), "--iters", "3"])
     assert "refused" in err
     (tmp_path / "cmp").mkdir()
-    os.replace(run_dir, tmp_path / "cmp" / "steppo-s0")
+    base = TrainConfig(**{**SMALL, "eval_every": 1}, iters=2)  # compare evaluates held out
+    planned = run_config(base, "steppo", 1e-3, 0, str(tmp_path / "cmp"))
+    os.replace(run_dir, planned.out)
+    planned.save_yaml(os.path.join(planned.out, "config.yaml"))  # passes compare's config check
     with pytest.raises(CheckpointError, match="refused"):
-        run_compare(TrainConfig(**SMALL, iters=2), ["steppo"], 1, str(tmp_path / "cmp"))
+        run_compare(base, ["steppo"], 1, str(tmp_path / "cmp"), lr_grid={"steppo": [1e-3]})
     assert not marker.exists()
 
 

@@ -4,11 +4,15 @@
 
     steppo train [--algo steppo] [--env doors] [--model tiny|PATH] [--iters N] [--seed S]
                  [--out DIR] [--resume] [--config FILE.yaml] [--<any TrainConfig field> ...]
-    steppo sft [--env quest] [--out DIR] [--demos N] [--steps K] [--noise-frac P] [--batch B]
+    steppo sft [--env quest] [--out DIR] [--demos N] [--steps K] [--noise-frac P]
+               [--truncate-frac P] [--batch B]
                [--sft-lr LR] [--<model/env TrainConfig field> ...]   (then: train --init DIR/model)
     steppo eval RUN_DIR [--episodes N] [--sample] [--device cpu]
-    steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 3] [--env quest] [--iters N]
-                   [--out DIR] [--<any TrainConfig field> ...]
+    steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 5] [--seed-base 0]
+                   [--lr-grid [ALGO=]LR,LR ...] [--critic-lr-ratio R] [--select eval-auc]
+                   [--env quest] [--iters N] [--init DIR/model] [--out DIR]
+                   [--<TrainConfig field but lr> ...]
+    steppo compare --report-only --out DIR [--algos ...] [--select ...]
 
 Errors a user can cause print one line ``steppo: error: ...``, never a traceback
 (``STEPPO_DEBUG=1`` shows it): status 2 for a bad command line or config (a flag, a YAML key or
@@ -76,11 +80,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)"
     )
 
-    cmp_ = sub.add_parser("compare", help="run several algorithms on identical seeds and budgets")
-    cmp_.add_argument("--algos", default="steppo,ppo,grpo,gigpo", help="comma-separated algorithms")
-    cmp_.add_argument("--seeds", type=_count(1), default=3, help="seeds 0..N-1 (default: 3)")
+    cmp_ = sub.add_parser(  # no abbreviations: --lr must not silently mean --lr-grid
+        "compare",
+        help="algorithms x lr grid x seeds on identical tasks and budgets",
+        allow_abbrev=False,
+    )
+    cmp_.add_argument(
+        "--algos",
+        default=None,
+        help="comma-separated algorithms (default: steppo,ppo,grpo,gigpo; with --report-only: "
+        "every one found)",
+    )
+    cmp_.add_argument(
+        "--seeds", type=_count(1), default=5, help="seeds per run, >= 5 for claims (default: 5)"
+    )
+    cmp_.add_argument(
+        "--seed-base", type=_count(0), default=0, help="first seed (default: 0): seeds B..B+N-1"
+    )
+    cmp_.add_argument(
+        "--lr-grid",
+        action="append",
+        metavar="[ALGO=]LR,LR",
+        help="policy learning rates: LR,LR for every algorithm, ALGO=LR,LR for one (repeatable; "
+        "default: 3e-4,1e-3 for every algorithm)",
+    )
+    cmp_.add_argument(
+        "--critic-lr-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="critic lr = R x the grid point's lr (default: --critic-lr, fixed over the grid)",
+    )
+    cmp_.add_argument(
+        "--select",
+        choices=("eval-auc", "train-auc"),
+        default="eval-auc",
+        help="best grid point by mean held-out AUC (default) or training-success AUC",
+    )
+    cmp_.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild results.md and curves.png from the run folders in --out",
+    )
     cmp_.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig fields")
-    add_arguments(cmp_, skip=("algo", "out", "resume", "seed"))
+    add_arguments(cmp_, skip=("algo", "out", "resume", "seed", "lr"))
     cmp_.add_argument("--out", default="", help="directory (default: runs/compare-<env>)")
     return parser
 
@@ -180,16 +223,40 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import parse_lr_grid, run_compare
+    from .compare_report import write_report
 
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    bad = [a for a in algos if a not in ALGOS]
-    if bad or not algos:
-        raise ConfigError(f"--algos: {','.join(bad) or '(empty)'} not in {', '.join(ALGOS)}")
+    algos = None
+    if args.algos is not None:
+        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        bad = [a for a in algos if a not in ALGOS]
+        if bad or not algos:
+            raise ConfigError(f"--algos: {','.join(bad) or '(empty)'} not in {', '.join(ALGOS)}")
+    if args.report_only:
+        if not args.out:
+            raise ConfigError("--report-only: give the comparison's --out DIR")
+        write_report(args.out, algos=algos, select=args.select)
+        return 0
+    algos = algos or ["steppo", "ppo", "grpo", "gigpo"]
+    if args.critic_lr_ratio is not None and not 0 < args.critic_lr_ratio < float("inf"):
+        raise ConfigError(f"--critic-lr-ratio: must be > 0 and finite, got {args.critic_lr_ratio}")
     base = config_from_args(args)
+    if base.lr != TrainConfig().lr:
+        raise ConfigError(
+            f"{args.config}: lr: compare takes the policy learning rates from --lr-grid"
+        )
     if "env" not in vars(args) and not getattr(args, "config", None):
         base.env = "quest"
-    run_compare(base, algos, args.seeds, args.out)
+    run_compare(
+        base,
+        algos,
+        args.seeds,
+        args.out,
+        seed_base=args.seed_base,
+        lr_grid=parse_lr_grid(args.lr_grid, algos),
+        critic_lr_ratio=args.critic_lr_ratio,
+        select=args.select,
+    )
     return 0
 
 

@@ -1,121 +1,190 @@
-"""``steppo compare``: several algorithms x seeds on identical tasks and budgets.
+"""``steppo compare``: algorithms x learning-rate grid x seeds on identical tasks and budgets.
 
-Every run gets the same config except ``algo`` and ``seed`` (so the same iterations, episodes
-per iteration, model size and evaluation seeds); each seed's training tasks are the same for
-every algorithm. Runs go one after another (``<out>/<algo>-s<seed>/``); a finished run is
-reused and an interrupted one resumed, so re-running the command continues where it stopped.
-Writes ``<out>/results.md`` (a markdown table, mean +- std over seeds) and ``<out>/curves.png``
-(held-out success rate against iterations and wall time).
+Protocol (:func:`run_compare`):
+
+- Every run has the same config except ``algo``, ``lr`` (the grid point), ``critic_lr``
+  (critic algorithms only: fixed ``--critic-lr``, or ``--critic-lr-ratio R`` x ``lr``) and
+  ``seed``. A run's training tasks are ``train_seed(seed, iteration, group)`` (seed only: the
+  same tasks for every algorithm and learning rate), its initial weights are seeded by ``seed``
+  alone (or are the ``--init`` folder for every run), and the held-out tasks are the same
+  fixed seeds for every run.
+- Seeds ``seed_base .. seed_base + seeds - 1``; the grid is per algorithm (:func:`parse_lr_grid`,
+  default :data:`DEFAULT_LR_GRID` for every algorithm).
+- One directory per run, ``<out>/<algo>-lr<lr>-s<seed>/`` (:func:`run_dir_name`), run one
+  after another: a finished run is reused, an interrupted one resumed from its checkpoint, and
+  a folder written with another config (other than :data:`FREE_FIELDS`) is refused with a
+  one-line :class:`~.fields.ConfigError` naming the folder and the first differing field.
+- Then :func:`~.compare_report.write_report` builds results.md and curves.png from the run
+  folders alone (``steppo compare --report-only`` does only that).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import math
+import json
 import os
-import platform
 
 from .checkpoint import checkpoint_iteration
-from .config import TrainConfig
+from .compare_report import FREE_FIELDS, machine_info, write_report
+from .config import ALGOS, TrainConfig
+from .fields import ConfigError, flag_of
 from .loop import Trainer
-from .plot import plot_compare
 from .runfiles import atomic_write_text, read_metrics
 
+DEFAULT_LR_GRID = (3e-4, 1e-3)
+SELECT = ("eval-auc", "train-auc")
+RUN_RECORD = "compare_run.json"
 
-def run_compare(base: TrainConfig, algos: list[str], seeds: int, out: str = "") -> str:
-    """Run (or reuse) every (algo, seed); write results.md and curves.png; return the table."""
-    out = out or os.path.join("runs", f"compare-{base.env}")
-    os.makedirs(out, exist_ok=True)
-    curves: dict[str, list[list[dict]]] = {}
-    for algo in algos:
-        for seed in range(seeds):
-            run_dir = os.path.join(out, f"{algo}-s{seed}")
-            done = checkpoint_iteration(run_dir)  # -1: none yet (the run starts again)
-            cfg = dataclasses.replace(base, algo=algo, seed=seed, out=run_dir, resume=done >= 0)
-            if done < cfg.iters:
-                print(f"compare: {algo} seed {seed} -> {run_dir}")
-                Trainer(cfg).train()
-            curves.setdefault(algo, []).append(read_metrics(os.path.join(run_dir, "metrics.jsonl")))
-    table = results_table(base, curves)
-    atomic_write_text(os.path.join(out, "results.md"), table)
-    plot_compare(
-        curves,
-        os.path.join(out, "curves.png"),
-        f"{base.env}: mean +- std over {seeds} seeds ({base.iters} iterations x "
-        f"{base.groups * base.group_size} episodes)",
+
+def run_dir_name(algo: str, lr: float, seed: int) -> str:
+    """``<algo>-lr<lr>-s<seed>``, the learning rate as Python's shortest repr (``0.0003``)."""
+    return f"{algo}-lr{float(lr)!r}-s{seed}"
+
+
+def parse_lr_grid(items: list[str] | None, algos: list[str]) -> dict[str, list[float]]:
+    """``--lr-grid`` values -> ``{algo: [lr, ...]}``. An item ``LR,LR,...`` sets the grid of
+    every algorithm, ``ALGO=LR,LR,...`` one algorithm's (applied after). Errors name
+    ``--lr-grid``, the item and the rule (a positive finite number, no repeats, a known
+    algorithm of ``--algos``)."""
+    grid = {a: list(DEFAULT_LR_GRID) for a in algos}
+    items = items or []
+    for item in sorted(items, key=lambda s: "=" in s):  # the all-algorithm items first
+        name, _, text = item.rpartition("=")
+        name = name.strip()
+        if name and name not in algos:
+            where = "not in --algos" if name in ALGOS else f"not an algorithm ({', '.join(ALGOS)})"
+            raise ConfigError(f"--lr-grid: {item!r}: {name} is {where}")
+        lrs = []
+        for k, part in enumerate(text.split(",")):
+            try:
+                lr = float(part)
+            except ValueError:
+                raise ConfigError(
+                    f"--lr-grid: {item!r}: entry {k} ({part.strip()!r}) is not a number"
+                ) from None
+            if not (lr > 0 and lr < float("inf")):
+                raise ConfigError(f"--lr-grid: {item!r}: entry {k} must be > 0 and finite")
+            if lr in lrs:
+                raise ConfigError(f"--lr-grid: {item!r}: entry {k} ({lr!r}) is repeated")
+            lrs.append(lr)
+        for a in [name] if name else algos:
+            grid[a] = lrs
+    return grid
+
+
+def run_config(
+    base: TrainConfig, algo: str, lr: float, seed: int, out: str, critic_lr_ratio=None
+) -> TrainConfig:
+    """The resolved config of one run of the protocol (see the module docstring)."""
+    cfg = dataclasses.replace(
+        base, algo=algo, lr=lr, seed=seed, out=os.path.join(out, run_dir_name(algo, lr, seed))
     )
-    print(table)
-    return table
+    if cfg.uses_critic:
+        if critic_lr_ratio is not None:
+            cfg.critic_lr = critic_lr_ratio * lr
+    else:  # the critic knobs mean nothing without a critic: the defaults, for clean configs
+        cfg.critic_lr = TrainConfig().critic_lr
+        cfg.critic_warmup = 0
+    return cfg.resolved()
 
 
-def _mean_std(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return "-"
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    fmt = ".3f" if abs(m) < 10 else (".1f" if abs(m) < 1000 else ".0f")
-    return f"{m:{fmt}} +- {s:{fmt}}"
+def check_run_folder(cfg: TrainConfig) -> None:
+    """:class:`ConfigError` when ``cfg.out`` holds a run written with another config (any
+    field outside :data:`FREE_FIELDS`): one line naming the folder, the field and both
+    values; a folder without config.yaml passes."""
+    saved_path = os.path.join(cfg.out, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    saved = TrainConfig.from_yaml(saved_path).to_dict()
+    want = cfg.to_dict()
+    for key, value in want.items():
+        if key not in FREE_FIELDS and saved.get(key) != value:
+            raise ConfigError(
+                f"compare: {cfg.out} was run with {flag_of(key)} {saved.get(key)!r}, this "
+                f"compare asks for {value!r}; use another --out (or remove that folder) rather "
+                "than mix configs"
+            )
 
 
-def _first_iter(rows: list[dict], key: str, threshold: float):
-    """First iteration whose ``key`` reaches ``threshold`` (None if never)."""
-    return next((r["iter"] for r in rows if (r.get(key) or 0.0) >= threshold), None)
+def run_one(cfg: TrainConfig, log=print) -> str:
+    """Run, resume or reuse the run of ``cfg`` (checked by :func:`check_run_folder`).
+    Returns ``"reused"``, ``"resumed"`` or ``"ran"``."""
+    log = log or _silent
+    check_run_folder(cfg)
+    done = checkpoint_iteration(cfg.out)  # -1: none yet (the run starts again from 0)
+    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    finished = (
+        done == cfg.iters
+        and os.path.isdir(os.path.join(cfg.out, "model"))
+        and bool(rows)
+        and rows[-1].get("iter") == cfg.iters
+    )
+    if finished:
+        return "reused"
+    how = "resumed" if done >= 0 else "ran"
+    log(f"compare: {cfg.algo} lr {cfg.lr!r} seed {cfg.seed} -> {cfg.out} ({how})")
+    start = _stamp()
+    Trainer(dataclasses.replace(cfg, resume=done >= 0)).train(log=log)
+    _record_segment(cfg.out, start, max(done, 0), cfg.iters)
+    return how
 
 
-def _reached(runs: list[list[dict]], threshold: float) -> str:
-    its = [_first_iter(r, "eval_success_rate", threshold) for r in runs]
-    hit = [i for i in its if i is not None]
-    if not hit:
-        return f"0/{len(runs)}"
-    return f"{len(hit)}/{len(runs)} (mean iter {sum(hit) / len(hit):.0f})"
-
-
-def _last_mean(rows: list[dict], key: str, n: int = 10):
-    vals = [r[key] for r in rows if r.get(key) is not None][-n:]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _final(rows: list[dict], key: str):
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return vals[-1] if vals else None
-
-
-def results_table(base: TrainConfig, curves: dict[str, list[list[dict]]]) -> str:
-    """Markdown: per algorithm, final held-out success / return / episode length, training
-    success over the last 10 iterations, seeds reaching 90% held-out success (and when), wall
-    time and tokens per iteration (mean +- std over seeds)."""
-    seeds = max((len(v) for v in curves.values()), default=0)
-    lines = [
-        f"# steppo compare: {base.env}, {seeds} seeds",
-        "",
-        f"Budget per run: {base.iters} iterations x {base.groups * base.group_size} episodes "
-        f"({base.groups} tasks x {base.group_size}), tiny {base.arch} model "
-        f"(hidden {base.hidden_size}, {base.num_layers} layers), {base.epochs} epochs x "
-        f"{base.minibatches} mini-batches, lr {base.lr}. Held-out evaluation: "
-        f"{base.eval_episodes} fixed unseen seeds, {'greedy' if base.eval_greedy else 'sampled'}.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {base.threads}, load average at write {os.getloadavg()[0]:.1f}; "
-        f"written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}.",
-        "",
-        "| algo | held-out success | held-out return | held-out episode len | train success "
-        "(last 10 iters) | seeds reaching 90% held-out | wall s | tokens / iter |",
-        "|---|---|---|---|---|---|---|---|",
+def run_compare(
+    base: TrainConfig,
+    algos: list[str],
+    seeds: int,
+    out: str = "",
+    *,
+    seed_base: int = 0,
+    lr_grid: dict[str, list[float]] | None = None,
+    critic_lr_ratio: float | None = None,
+    select: str = "eval-auc",
+    log=print,
+) -> str:
+    """Run (or reuse / resume) every (algo, lr, seed), then write results.md and curves.png
+    from the run folders (:func:`~.compare_report.write_report`). Returns results.md's text."""
+    if not base.eval_every:
+        raise ConfigError("--eval-every: compare needs held-out evaluations (>= 1), got 0")
+    if select not in SELECT:
+        raise ConfigError(f"--select: {select!r} is not one of {', '.join(SELECT)}")
+    if seeds < 1 or seed_base < 0:
+        raise ConfigError(f"--seeds / --seed-base: need >= 1 / >= 0, got {seeds} / {seed_base}")
+    out = out or os.path.join("runs", f"compare-{base.env}")
+    grid = lr_grid or parse_lr_grid(None, algos)
+    configs = [
+        run_config(base, algo, lr, seed, out, critic_lr_ratio)
+        for algo in algos
+        for lr in grid[algo]
+        for seed in range(seed_base, seed_base + seeds)
     ]
-    for algo, runs in curves.items():
-        lines.append(
-            f"| {algo} | {_mean_std([_final(r, 'eval_success_rate') for r in runs])} "
-            f"| {_mean_std([_final(r, 'eval_mean_return') for r in runs])} "
-            f"| {_mean_std([_final(r, 'eval_episode_len') for r in runs])} "
-            f"| {_mean_std([_last_mean(r, 'success_rate') for r in runs])} "
-            f"| {_reached(runs, 0.9)} "
-            f"| {_mean_std([_final(r, 'wall_s') for r in runs])} "
-            f"| {_mean_std([_avg(r, 'tokens') for r in runs])} |"
-        )
-    return "\n".join(lines) + "\n"
+    for cfg in configs:  # refuse a mixed folder before any run starts
+        check_run_folder(cfg)
+    os.makedirs(out, exist_ok=True)
+    for cfg in configs:
+        run_one(cfg, log)
+    return write_report(out, algos=algos, select=select, log=log)
 
 
-def _avg(rows: list[dict], key: str):
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return sum(vals) / len(vals) if vals else None
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _stamp() -> dict:
+    return {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
+def _record_segment(run_dir: str, start: dict, first: int, last: int) -> None:
+    """Append one (start, end, iterations, machine, commit) segment to the run's record."""
+    path = os.path.join(run_dir, RUN_RECORD)
+    record = {"segments": []}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    record["segments"].append(
+        {"start": start, "end": _stamp(), "iterations": [first, last], **machine_info()}
+    )
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")

@@ -64,13 +64,22 @@ COMPARE_PANELS = (
 )
 
 
+def band(values: list[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the 95% t interval of ``values`` (one value: no band)."""
+    from .stats import t_interval
+
+    return t_interval(values)
+
+
 def plot_compare(curves: dict[str, list[list[dict]]], path: str, title: str) -> None:
-    """One row per metric of :data:`COMPARE_PANELS`: mean +- std over seeds for each algorithm
-    against the iteration (left) and the wall time (right, mean over seeds)."""
+    """One row per metric of :data:`COMPARE_PANELS`: for each label (an algorithm at its
+    selected learning rate) the mean over its runs (seeds) and the 95% t interval band, against
+    the iteration (left) and the wall time (right: mean over seeds of the wall seconds at that
+    iteration)."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(COMPARE_PANELS), 2, figsize=(10, 3.2 * len(COMPARE_PANELS)))
     for row, (key, label) in zip(axes, COMPARE_PANELS):
-        for algo, runs in curves.items():
+        for name, runs in curves.items():
             values: dict[int, list[float]] = {}
             walls: dict[int, list[float]] = {}
             for rows in runs:
@@ -81,13 +90,10 @@ def plot_compare(curves: dict[str, list[list[dict]]], path: str, title: str) -> 
             its = sorted(values)
             if not its:
                 continue
-            mean = [sum(values[i]) / len(values[i]) for i in its]
-            std = [_std(values[i]) for i in its]
+            mean, low, high = zip(*(band(values[i]) for i in its))
             wall = [sum(walls[i]) / len(walls[i]) for i in its]
             for ax, x in zip(row, (its, wall)):
-                (line,) = ax.plot(x, mean, label=algo)
-                low = [m - s for m, s in zip(mean, std)]
-                high = [m + s for m, s in zip(mean, std)]
+                (line,) = ax.plot(x, mean, label=name)
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
         row[0].set_xlabel("iteration", fontsize=8)
         row[1].set_xlabel("wall time (s, mean over seeds)", fontsize=8)
@@ -98,10 +104,3 @@ def plot_compare(curves: dict[str, list[list[dict]]], path: str, title: str) -> 
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
-
-
-def _std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))

@@ -5,7 +5,11 @@ Demonstrations: ``demos`` episodes on training-range task seeds ``SFT_SEED_BASE 
 out), played by the env's solver (:data:`SOLVERS`). A fraction ``noise_frac`` of them (the
 first ``round(noise_frac * demos)`` of a seeded shuffle) are *noisy*: every action is a
 uniformly random grammar action instead (the env's random policy), and cloning them pulls the
-policy towards random behaviour on purpose, to make a weak starting policy for RL.
+policy towards random behaviour on purpose, to make a weak starting policy for RL. A fraction
+``truncate_frac`` (the next ``round(truncate_frac * demos)`` of the same shuffle, so no
+demonstration is both) are *truncated*: the solver's episode of ``n`` steps keeps only its first
+``k`` steps, ``k`` uniform in ``1..n-1`` (seeded), so the later situations of the task are seen
+less often.
 
 Records are built exactly as :func:`~.rollout.rollout` builds them (same prompt / observation
 framing, action tokens, grammar masks), then ``StepBatch.from_trajectories`` and the trainer's
@@ -61,6 +65,9 @@ class SFTConfig:
     demos: int = knob(64, "solver demonstrations (episodes)", ge=1, le=MAX_DEMOS)
     steps: int = knob(100, "gradient steps", ge=0)
     noise_frac: float = knob(0.0, "fraction of demonstrations with random actions", ge=0, le=1)
+    truncate_frac: float = knob(
+        0.0, "fraction of demonstrations cut after a random number of steps", ge=0, le=1
+    )
     batch: int = knob(16, "demonstrations per gradient step", ge=1)
     sft_lr: float = knob(3e-3, "behaviour-cloning learning rate (AdamW)", gt=0)
 
@@ -72,10 +79,18 @@ def demonstrations(cfg: TrainConfig, sft: SFTConfig, tokenizer: WordTokenizer):
     if cfg.env not in SOLVERS:
         raise ValueError(f"--env: {cfg.env!r} has no scripted solver ({', '.join(SOLVERS)})")
     solve = SOLVERS[cfg.env]
+    n_noisy, n_cut = round(sft.noise_frac * sft.demos), round(sft.truncate_frac * sft.demos)
+    if n_noisy + n_cut > sft.demos:
+        raise ValueError(
+            f"--truncate-frac: {sft.truncate_frac} x {sft.demos} demonstrations = {n_cut} cut "
+            f"ones plus {n_noisy} noisy ones (--noise-frac) exceed the {sft.demos} demonstrations"
+        )
     order = list(range(sft.demos))
     random.Random(f"sft-noise:{cfg.seed}").shuffle(order)
-    noisy = set(order[: round(sft.noise_frac * sft.demos)])
+    noisy = set(order[:n_noisy])
+    cut = set(order[n_noisy : n_noisy + n_cut])
     rng = random.Random(f"sft-actions:{cfg.seed}")
+    cut_rng = random.Random(f"sft-cut:{cfg.seed}")
     grammar_masks = None
     trajectories, masks = [], []
     for k in range(sft.demos):
@@ -85,20 +100,29 @@ def demonstrations(cfg: TrainConfig, sft: SFTConfig, tokenizer: WordTokenizer):
         seed = SFT_SEED_BASE + (cfg.seed << 20) + k
         observations = [env.reset(seed)]
         context = prompt_ids(tokenizer, observations[0])
-        steps, rows = [], []
+        steps, rows = [], []  # rows: per step, the grammar mask rows of its action tokens
         while True:
             text = env.grammar.sample(rng) if k in noisy else solve(env, observations)
             action = tokenizer.encode(text)
             if grammar_masks is not None:
-                rows += [grammar_masks.allowed(tuple(action[:j])) for j in range(len(action))]
+                rows.append([grammar_masks.allowed(tuple(action[:j])) for j in range(len(action))])
             obs, reward, terminated, truncated, _ = env.step(text)
             steps.append({"prompt_ids": list(context), "action_ids": action, "reward": reward})
             observations.append(obs)
             if terminated or truncated or len(steps) >= env.max_steps:
                 break
             context += action + observation_ids(tokenizer, obs, action)
+        if k in cut:
+            if len(steps) < 2:
+                raise ValueError(
+                    f"--truncate-frac: demonstration {k} has {len(steps)} step; a cut one keeps "
+                    "1..n-1 of its n >= 2 steps"
+                )
+            keep = cut_rng.randint(1, len(steps) - 1)
+            steps, rows, terminated = steps[:keep], rows[:keep], False
         trajectories.append({"steps": steps, "terminated": bool(terminated), "group": k})
-        masks.append(torch.stack(rows) if rows else None)
+        flat = [r for step_rows in rows for r in step_rows]
+        masks.append(torch.stack(flat) if flat else None)
     return trajectories, masks
 
 
