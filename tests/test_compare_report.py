@@ -5,6 +5,7 @@ folders of different budgets, and ``--report-only`` (no training: fast)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -119,6 +120,13 @@ def test_runs_of_another_budget_are_refused(tmp_path):
         write_report(str(tmp_path), log=None)
 
 
+def test_the_same_run_twice_is_refused(tmp_path):
+    path = fake_run(tmp_path, "grpo", 1e-3, 0, GRPO[0], [0.3] * 4)
+    shutil.copytree(path, tmp_path / "grpo-s0")  # the layout of earlier releases
+    with pytest.raises(ValueError, match="both hold grpo lr 0.001 seed 0"):
+        write_report(str(tmp_path), log=None)
+
+
 def test_report_only_cli(tmp_path, capsys):
     _comparison(tmp_path)
     assert main(["compare", "--report-only", "--out", str(tmp_path), "--algos", "grpo"]) == 0
@@ -128,3 +136,11 @@ def test_report_only_cli(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["compare", "--report-only"]) == 2
     assert "--report-only: give the comparison's --out DIR" in capsys.readouterr().err
+
+
+def test_lr_in_a_compare_yaml_is_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("iters: 2\nlr: 0.001\n")  # equal to the default: still refused
+    assert main(["compare", "--config", str(path), "--out", str(tmp_path / "never")]) == 2
+    assert f"{path}:2: lr: compare takes the policy learning rates" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

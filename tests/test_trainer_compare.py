@@ -51,7 +51,10 @@ def test_same_tasks_and_initial_weights_for_every_algorithm(tmp_path, monkeypatc
 
     def spy_init(self, cfg, *a, **kw):
         real_init(self, cfg, *a, **kw)
-        key[0] = (self.cfg.algo, self.cfg.lr, self.cfg.seed)
+        # keyed by the folder the protocol planned (<algo>-lr<lr>-s<seed>), not by what the
+        # config says, so a run with another seed than planned shows up
+        algo, lr, seed = os.path.basename(self.cfg.out).split("-")
+        key[0] = (algo, float(lr[2:]), int(seed[1:]))
         first_weights[key[0]] = {k: v.clone() for k, v in self.models.policy.state_dict().items()}
 
     key = [None]

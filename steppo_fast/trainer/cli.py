@@ -241,10 +241,15 @@ def _cmd_compare(args) -> int:
     if args.critic_lr_ratio is not None and not 0 < args.critic_lr_ratio < float("inf"):
         raise ConfigError(f"--critic-lr-ratio: must be > 0 and finite, got {args.critic_lr_ratio}")
     base = config_from_args(args)
-    if base.lr != TrainConfig().lr:
-        raise ConfigError(
-            f"{args.config}: lr: compare takes the policy learning rates from --lr-grid"
-        )
+    if args.config:
+        from .fields import read_yaml_mapping
+
+        data, lines = read_yaml_mapping(args.config)
+        if "lr" in data:  # the grid would override it: refused rather than ignored
+            raise ConfigError(
+                f"{args.config}:{lines.get('lr', '?')}: lr: compare takes the policy learning "
+                "rates from --lr-grid"
+            )
     if "env" not in vars(args) and not getattr(args, "config", None):
         base.env = "quest"
     run_compare(

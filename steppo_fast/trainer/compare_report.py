@@ -83,7 +83,8 @@ def load_run(path: str) -> Run:
 
 def load_runs(out: str) -> list[Run]:
     """Every run folder under ``out``, checked to share one budget (fields outside
-    :data:`PER_RUN` and :data:`FREE_FIELDS`): a ``ValueError`` naming both folders and the field."""
+    :data:`PER_RUN` and :data:`FREE_FIELDS`) and to hold each (algo, lr, seed) once: a
+    ``ValueError`` naming both folders and the field."""
     if not os.path.isdir(out):
         raise ValueError(f"--out: {out} is not a directory")
     runs = [
@@ -93,6 +94,15 @@ def load_runs(out: str) -> list[Run]:
     ]
     if not runs:
         raise ValueError(f"--out: {out} holds no run folders (*/config.yaml)")
+    seen: dict[tuple, str] = {}
+    for run in runs:
+        key = (run.cfg.algo, run.cfg.lr, run.cfg.seed)
+        if key in seen:
+            raise ValueError(
+                f"compare: {seen[key]} and {run.path} both hold {key[0]} lr {key[1]:g} seed "
+                f"{key[2]} (an older layout?); keep one of them in {out}"
+            )
+        seen[key] = run.path
     first = runs[0].cfg.to_dict()
     for run in runs[1:]:
         for key, value in run.cfg.to_dict().items():
