@@ -140,7 +140,8 @@ def select_best(points: dict[float, list[Run]], select: str) -> float:
 
 
 def machine_info() -> dict:
-    """CPU model, cores and the package's git commit (``unknown`` outside a checkout)."""
+    """CPU model, cores and the package's git commit (``unknown`` outside a checkout;
+    ``+uncommitted changes`` when tracked files differ from it)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -156,6 +157,13 @@ def machine_info() -> dict:
             text=True,
             timeout=10,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        commit += "+uncommitted changes" if commit and dirty else ""
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "commit": commit or "unknown"}
