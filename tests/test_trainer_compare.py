@@ -163,6 +163,10 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert "--eval-every: compare needs held-out evaluations" in err(["--eval-every", "0"])
     assert "--critic-lr-ratio: must be > 0" in err(["--critic-lr-ratio", "-1"])
     assert "unrecognized arguments: --lr" in err(["--lr", "1e-3"])  # the grid sets it
+    assert "'grpo=1e-2': grpo's grid is given twice" in err(
+        ["--algos", "grpo", "--lr-grid", "grpo=1e-3", "--lr-grid", "grpo=1e-2"]
+    )
+    assert "the grid of every algorithm is given twice" in err(["--lr-grid", "1", "--lr-grid", "2"])
     assert not never.exists()
     grid = parse_lr_grid(["3e-4,1e-3", "grpo=1e-2"], ["steppo", "grpo"])
     assert grid == {"steppo": [3e-4, 1e-3], "grpo": [1e-2]}

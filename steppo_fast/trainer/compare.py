@@ -45,13 +45,18 @@ def run_dir_name(algo: str, lr: float, seed: int) -> str:
 def parse_lr_grid(items: list[str] | None, algos: list[str]) -> dict[str, list[float]]:
     """``--lr-grid`` values -> ``{algo: [lr, ...]}``. An item ``LR,LR,...`` sets the grid of
     every algorithm, ``ALGO=LR,LR,...`` one algorithm's (applied after). Errors name
-    ``--lr-grid``, the item and the rule (a positive finite number, no repeats, a known
-    algorithm of ``--algos``)."""
+    ``--lr-grid``, the item and the rule (a positive finite number, no repeated rate, a known
+    algorithm of ``--algos``, each target given once)."""
     grid = {a: list(DEFAULT_LR_GRID) for a in algos}
     items = items or []
+    given: set[str] = set()
     for item in sorted(items, key=lambda s: "=" in s):  # the all-algorithm items first
         name, _, text = item.rpartition("=")
         name = name.strip()
+        if name in given:
+            whose = f"{name}'s grid" if name else "the grid of every algorithm"
+            raise ConfigError(f"--lr-grid: {item!r}: {whose} is given twice")
+        given.add(name)
         if name and name not in algos:
             where = "not in --algos" if name in ALGOS else f"not an algorithm ({', '.join(ALGOS)})"
             raise ConfigError(f"--lr-grid: {item!r}: {name} is {where}")
