@@ -149,7 +149,7 @@ def test_cli_flags_and_errors(tmp_path, capsys):
 
     def err(args):
         try:
-            status = main(["compare", *args, *tiny])
+            status = main(["compare", *tiny, *args])  # the case's own flags win
         except SystemExit as e:  # argparse's own errors (one line too, status 2)
             status = e.code
         assert status == 2
@@ -167,6 +167,9 @@ def test_cli_flags_and_errors(tmp_path, capsys):
         ["--algos", "grpo", "--lr-grid", "grpo=1e-3", "--lr-grid", "grpo=1e-2"]
     )
     assert "the grid of every algorithm is given twice" in err(["--lr-grid", "1", "--lr-grid", "2"])
+    assert "--seed-base: the last seed 65535 + 2 - 1 must be < 65536" in err(
+        ["--seed-base", "65535", "--seeds", "2"]
+    )
     assert not never.exists()
     grid = parse_lr_grid(["3e-4,1e-3", "grpo=1e-2"], ["steppo", "grpo"])
     assert grid == {"steppo": [3e-4, 1e-3], "grpo": [1e-2]}

@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every one found)",
     )
     cmp_.add_argument(
-        "--seeds", type=_count(1), default=5, help="seeds per run, >= 5 for claims (default: 5)"
+        "--seeds",
+        type=_count(1),
+        default=5,
+        help="seeds per (algo, lr): runs B..B+N-1; >= 5 for claims (default: 5)",
     )
     cmp_.add_argument(
         "--seed-base", type=_count(0), default=0, help="first seed (default: 0): seeds B..B+N-1"

@@ -27,7 +27,7 @@ import os
 
 from .checkpoint import checkpoint_iteration
 from .compare_report import FREE_FIELDS, machine_info, write_report
-from .config import ALGOS, TrainConfig
+from .config import ALGOS, SEEDS, TrainConfig
 from .fields import ConfigError, flag_of
 from .loop import Trainer
 from .runfiles import atomic_write_text, read_metrics
@@ -155,6 +155,11 @@ def run_compare(
         raise ConfigError(f"--select: {select!r} is not one of {', '.join(SELECT)}")
     if seeds < 1 or seed_base < 0:
         raise ConfigError(f"--seeds / --seed-base: need >= 1 / >= 0, got {seeds} / {seed_base}")
+    if seed_base + seeds > SEEDS:
+        raise ConfigError(
+            f"--seed-base: the last seed {seed_base} + {seeds} - 1 must be < {SEEDS} (the seeds "
+            "that own disjoint training tasks)"
+        )
     out = out or os.path.join("runs", f"compare-{base.env}")
     grid = lr_grid or parse_lr_grid(None, algos)
     configs = [
