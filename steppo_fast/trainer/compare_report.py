@@ -271,7 +271,8 @@ def _best_table(grid, best) -> str:
         "",
         "Mean [95% t interval] over seeds (with few seeds a t interval can pass 0 or 1). "
         f"Iteration / wall s to {THRESHOLD:.0%}: mean over the seeds that reached it, at the "
-        "held-out evaluations (so a multiple of --eval-every); wall times depend on the load.",
+        "held-out evaluations (so a multiple of --eval-every); wall seconds include those "
+        "evaluations and depend on the load.",
     ]
     return "\n".join(lines) + "\n"
 
