@@ -144,3 +144,17 @@ def test_lr_in_a_compare_yaml_is_refused(tmp_path, capsys):
     assert main(["compare", "--config", str(path), "--out", str(tmp_path / "never")]) == 2
     assert f"{path}:2: lr: compare takes the policy learning rates" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_run_config_varies_only_algo_lr_critic_lr_seed(tmp_path):
+    base = TrainConfig(env="doors", iters=7, critic_warmup=3, critic_lr=2e-3, groups=5)
+    steppo = run_config(base, "steppo", 3e-4, 4, str(tmp_path), critic_lr_ratio=10.0)
+    grpo = run_config(base, "grpo", 1e-3, 4, str(tmp_path))
+    assert (steppo.lr, steppo.critic_warmup, steppo.seed) == (3e-4, 3, 4)
+    assert steppo.critic_lr == 10.0 * 3e-4  # R x lr, as computed
+    # the critic knobs mean nothing without a critic (and --critic-warmup would be refused)
+    assert (grpo.critic_lr, grpo.critic_warmup) == (TrainConfig().critic_lr, 0)
+    assert run_config(base, "ppo", 1e-3, 0, str(tmp_path)).critic_lr == 2e-3  # fixed
+    assert steppo.out == str(tmp_path / "steppo-lr0.0003-s4")
+    same = ("env", "iters", "groups", "init", "eval_episodes", "eval_every", "model")
+    assert all(getattr(steppo, k) == getattr(grpo, k) == getattr(base, k) for k in same)
