@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from _trainer_setup import register_one_door, small_cfg
 from steppo_fast.trainer import loop
 from steppo_fast.trainer.checkpoint import checkpoint_iteration
 from steppo_fast.trainer.cli import main
-from steppo_fast.trainer.compare import parse_lr_grid, run_compare, run_dir_name
+from steppo_fast.trainer.compare import LOCK, parse_lr_grid, run_compare, run_dir_name
 from steppo_fast.trainer.fields import ConfigError
 from steppo_fast.trainer.loop import Trainer
 from steppo_fast.trainer.runfiles import read_metrics
@@ -187,3 +188,19 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     steppo = (tmp_path / "steppo-lr0.002-s7" / "config.yaml").read_text()
     assert "critic_lr: 0.001\n" in steppo and "seed: 7\n" in steppo  # 0.5 x 2e-3
     assert "| steppo | 0.002 | 0.001 | 1/1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_run_another_live_compare_holds_is_refused_a_dead_ones_taken_over(tmp_path):
+    run = tmp_path / run_dir_name("grpo", 1e-3, 0)
+    run.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # a live process that is not this one
+    try:
+        (run / LOCK).write_text(f"{other.pid}\n")
+        with pytest.raises(ValueError, match=f"being trained by process {other.pid}"):
+            _compare(tmp_path, algos=("grpo",), seeds=1)
+        assert not (run / "config.yaml").exists()  # nothing ran
+    finally:
+        other.kill()
+        other.wait()
+    _compare(tmp_path, algos=("grpo",), seeds=1)  # its process ended: the lock is taken over
+    assert (run / "model").is_dir() and sorted(p.name for p in run.glob(".compare*")) == []

@@ -20,6 +20,7 @@ Protocol (:func:`run_compare`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -35,6 +36,7 @@ from .runfiles import atomic_write_text, read_metrics
 DEFAULT_LR_GRID = (3e-4, 1e-3)
 SELECT = ("eval-auc", "train-auc")
 RUN_RECORD = "compare_run.json"
+LOCK = ".compare-lock"  # holds the pid of the compare process training the run
 
 
 def run_dir_name(algo: str, lr: float, seed: int) -> str:
@@ -129,10 +131,67 @@ def run_one(cfg: TrainConfig, log=print) -> str:
         return "reused"
     how = "resumed" if done >= 0 else "ran"
     log(f"compare: {cfg.algo} lr {cfg.lr!r} seed {cfg.seed} -> {cfg.out} ({how})")
-    start = _stamp()
-    Trainer(dataclasses.replace(cfg, resume=done >= 0)).train(log=log)
-    _record_segment(cfg.out, start, max(done, 0), cfg.iters)
+    with run_lock(cfg.out, log):
+        start = _stamp()
+        Trainer(dataclasses.replace(cfg, resume=done >= 0)).train(log=log)
+        _record_segment(cfg.out, start, max(done, 0), cfg.iters)
     return how
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str, log=None):
+    """Hold ``run_dir``/:data:`LOCK` (this process's id) while a run trains, so two compares
+    sharing an ``--out`` (e.g. other ``--algos`` in parallel) never train the same run at once:
+    a lock of a live process is a ``ValueError`` naming it; a dead process's lock (a killed
+    compare) is taken over."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK)
+    mine = f"{path}.{os.getpid()}"  # written whole, then linked: the lock never reads empty
+    with open(mine, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                owner = _lock_owner(path)
+                if owner is not None and _alive(owner):
+                    raise ValueError(
+                        f"compare: {run_dir} is being trained by process {owner} ({path}); "
+                        "run other --algos / --seeds / --lr-grid in parallel, not the same runs"
+                    ) from None
+                if log:
+                    log(f"note: {path} was left by process {owner}, which has ended; taking over")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        else:
+            raise ValueError(f"compare: {path}: could not take the lock (another compare races)")
+    finally:
+        os.unlink(mine)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _lock_owner(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None  # unreadable or torn: treated as left by an ended process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def run_compare(
