@@ -158,3 +158,20 @@ def test_run_config_varies_only_algo_lr_critic_lr_seed(tmp_path):
     assert steppo.out == str(tmp_path / "steppo-lr0.0003-s4")
     same = ("env", "iters", "groups", "init", "eval_episodes", "eval_every", "model")
     assert all(getattr(steppo, k) == getattr(grpo, k) == getattr(base, k) for k in same)
+
+
+def test_select_seeds_select_on_some_seeds_and_report_the_others(tmp_path):
+    for seed in range(5):
+        fake_run(tmp_path, "steppo", 1e-3, seed, STEPPO[seed], [0.2] * 4)
+        lucky = [0.0, 1.0, 1.0] if seed < 2 else WEAK[seed]  # best on seeds 0, 1 only
+        fake_run(tmp_path, "steppo", 3e-4, seed, lucky, [0.2] * 4)
+        fake_run(tmp_path, "grpo", 1e-3, seed, GRPO[seed], [0.3] * 4)
+    assert _row(write_report(str(tmp_path), log=None), "| steppo | 0.001 | 5 |")
+    text = write_report(str(tmp_path), log=None, select_seeds=2)
+    row = _row(text, "| steppo | 0.0003 | 3 |")  # chosen on seeds 0, 1; reported on 2, 3, 4
+    assert row[4] == "0.100 [0.100, 0.100]"  # the AUC of the reported seeds only
+    assert "| steppo | 0.0003 | 0.001 | 2/2 |" in text  # the grid table: selection seeds
+    assert _row(text, "| grpo | 3 |")  # paired on the 3 reported seeds
+    assert "Selected on seeds 0, 1 only" in text
+    with pytest.raises(ValueError, match="--select-seeds: 4 of the 5 seeds found leave 1"):
+        write_report(str(tmp_path), log=None, select_seeds=4)

@@ -10,6 +10,7 @@
     steppo eval RUN_DIR [--episodes N] [--sample] [--device cpu]
     steppo compare [--algos steppo,ppo,grpo,gigpo] [--seeds 5] [--seed-base 0]
                    [--lr-grid [ALGO=]LR,LR ...] [--critic-lr-ratio R] [--select eval-auc]
+                   [--select-seeds K]
                    [--env quest] [--iters N] [--init DIR/model] [--out DIR]
                    [--<TrainConfig field but lr> ...]
     steppo compare --report-only --out DIR [--algos ...] [--select ...]
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("eval-auc", "train-auc"),
         default="eval-auc",
         help="best grid point by mean held-out AUC (default) or training-success AUC",
+    )
+    cmp_.add_argument(
+        "--select-seeds",
+        type=_count(0),
+        default=0,
+        metavar="K",
+        help="the first K seeds only select the grid points, the other seeds are reported "
+        "(default: 0, select and report on all seeds)",
     )
     cmp_.add_argument(
         "--report-only",
@@ -238,7 +247,7 @@ def _cmd_compare(args) -> int:
     if args.report_only:
         if not args.out:
             raise ConfigError("--report-only: give the comparison's --out DIR")
-        write_report(args.out, algos=algos, select=args.select)
+        write_report(args.out, algos=algos, select=args.select, select_seeds=args.select_seeds)
         return 0
     algos = algos or ["steppo", "ppo", "grpo", "gigpo"]
     if args.critic_lr_ratio is not None and not 0 < args.critic_lr_ratio < float("inf"):
@@ -264,6 +273,7 @@ def _cmd_compare(args) -> int:
         lr_grid=parse_lr_grid(args.lr_grid, algos),
         critic_lr_ratio=args.critic_lr_ratio,
         select=args.select,
+        select_seeds=args.select_seeds,
     )
     return 0
 

@@ -204,6 +204,7 @@ def run_compare(
     lr_grid: dict[str, list[float]] | None = None,
     critic_lr_ratio: float | None = None,
     select: str = "eval-auc",
+    select_seeds: int = 0,
     log=print,
 ) -> str:
     """Run (or reuse / resume) every (algo, lr, seed), then write results.md and curves.png
@@ -214,6 +215,11 @@ def run_compare(
         raise ConfigError(f"--select: {select!r} is not one of {', '.join(SELECT)}")
     if seeds < 1 or seed_base < 0:
         raise ConfigError(f"--seeds / --seed-base: need >= 1 / >= 0, got {seeds} / {seed_base}")
+    if select_seeds and seeds - select_seeds < 2:
+        raise ConfigError(
+            f"--select-seeds: {select_seeds} of --seeds {seeds} leave {seeds - select_seeds} "
+            "seeds to report; need >= 2"
+        )
     if seed_base + seeds > SEEDS:
         raise ConfigError(
             f"--seed-base: the last seed {seed_base} + {seeds} - 1 must be < {SEEDS} (the seeds "
@@ -232,7 +238,7 @@ def run_compare(
     os.makedirs(out, exist_ok=True)
     for cfg in configs:
         run_one(cfg, log)
-    return write_report(out, algos=algos, select=select, log=log)
+    return write_report(out, algos=algos, select=select, log=log, select_seeds=select_seeds)
 
 
 def _silent(*args, **kwargs) -> None:

@@ -169,10 +169,18 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "commit": commit or "unknown"}
 
 
-def write_report(out: str, algos: list[str] | None = None, select: str = "eval-auc", log=print):
+def write_report(
+    out: str,
+    algos: list[str] | None = None,
+    select: str = "eval-auc",
+    log=print,
+    select_seeds: int = 0,
+):
     """Write ``out``/results.md and ``out``/curves.png from the run folders; return the text.
     ``algos``: which algorithms and in what order (default: every one found, in
-    :data:`~.config.ALGOS` order)."""
+    :data:`~.config.ALGOS` order). ``select_seeds`` K > 0: the K smallest seeds found only
+    select the grid points (the grid table shows them) and every other table reports the
+    remaining seeds, so the selection does not bias them; 0: select and report on all seeds."""
     runs = load_runs(out)
     found = {r.cfg.algo for r in runs}
     algos = [a for a in (algos or ALGOS) if a in found]
@@ -180,13 +188,27 @@ def write_report(out: str, algos: list[str] | None = None, select: str = "eval-a
     for r in sorted(runs, key=lambda r: (r.cfg.lr, r.cfg.seed)):
         if r.cfg.algo in algos:
             grid.setdefault(r.cfg.algo, {}).setdefault(r.cfg.lr, []).append(r)
-    best = {a: select_best(grid[a], select) for a in algos}
-    text = _header(out, runs, grid, select) + _best_table(grid, best)
-    text += _paired_table(grid, best, algos) + _grid_table(grid, best)
+    seeds = sorted({r.cfg.seed for r in runs if r.cfg.algo in algos})
+    if select_seeds and len(seeds) - select_seeds < 2:
+        raise ValueError(
+            f"--select-seeds: {select_seeds} of the {len(seeds)} seeds found leave "
+            f"{len(seeds) - select_seeds} to report; need >= 2"
+        )
+    chosen = set(seeds[:select_seeds])
+    sel_grid, rep_grid = grid, grid
+    if chosen:
+        sel_grid = _split(grid, lambda r: r.cfg.seed in chosen)
+        rep_grid = _split(grid, lambda r: r.cfg.seed not in chosen)
+    best = {a: select_best(sel_grid[a], select) for a in algos}
+    text = _header(out, runs, grid, select, sorted(chosen)) + _best_table(rep_grid, best)
+    text += _paired_table(rep_grid, best, algos) + _grid_table(sel_grid, best)
     atomic_write_text(os.path.join(out, "results.md"), text)
     cfg = runs[0].cfg
     plot_compare(
-        {f"{a} (lr {best[a]:g})": [r.rows for r in grid[a][best[a]] if r.finished] for a in algos},
+        {
+            f"{a} (lr {best[a]:g})": [r.rows for r in rep_grid[a][best[a]] if r.finished]
+            for a in algos
+        },
         os.path.join(out, "curves.png"),
         f"{cfg.env}: mean and 95% t interval over seeds, each algorithm at its best lr "
         f"({select}); {cfg.iters} iterations x {cfg.groups * cfg.group_size} episodes",
@@ -196,7 +218,13 @@ def write_report(out: str, algos: list[str] | None = None, select: str = "eval-a
     return text
 
 
-def _header(out: str, runs: list[Run], grid, select: str) -> str:
+def _split(grid, keep) -> dict:
+    return {
+        a: {lr: [r for r in rs if keep(r)] for lr, rs in pts.items()} for a, pts in grid.items()
+    }
+
+
+def _header(out: str, runs: list[Run], grid, select: str, chosen: list[int]) -> str:
     cfg, info = runs[0].cfg, machine_info()
     size = f" ({cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_layers} layers)"
     seeds = sorted({r.cfg.seed for r in runs})
@@ -225,8 +253,16 @@ def _header(out: str, runs: list[Run], grid, select: str) -> str:
         f"Learning-rate grid: {grids}. Critic lr (steppo, ppo): "
         f"{', '.join(f'{c:g}' for c in critic_lrs) or '-'}.",
         f"Selection: each algorithm at the lr with the highest mean {select} over its seeds "
-        "(ties: the smaller lr). Selected and reported on the same seeds, so the best point's "
-        "numbers are optimistic; intervals are 95% t intervals over seeds.",
+        "(ties: the smaller lr). "
+        + (
+            f"Selected on seeds {', '.join(map(str, chosen))} only (--select-seeds; the grid "
+            "table shows them); every other table reports the remaining seeds, unbiased by "
+            "the selection."
+            if chosen
+            else "Selected and reported on the same seeds, so the best point's numbers are "
+            "optimistic."
+        )
+        + " Intervals are 95% t intervals over seeds.",
         f"Machine: {info['cpu']}, {info['cores']} cores; commit {info['commit']}; written "
         f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}, load average "
         f"{os.getloadavg()[0]:.2f}"
