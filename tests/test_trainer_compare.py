@@ -171,6 +171,9 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert "--seed-base: the last seed 65535 + 2 - 1 must be < 65536" in err(
         ["--seed-base", "65535", "--seeds", "2"]
     )
+    assert "--select-seeds: 2 of --seeds 3 leave 1 seeds to report" in err(
+        ["--seeds", "3", "--select-seeds", "2"]
+    )
     assert not never.exists()
     grid = parse_lr_grid(["3e-4,1e-3", "grpo=1e-2"], ["steppo", "grpo"])
     assert grid == {"steppo": [3e-4, 1e-3], "grpo": [1e-2]}

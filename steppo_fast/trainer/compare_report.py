@@ -13,7 +13,8 @@ Selection: each algorithm is reported at the grid point with the highest mean ov
 seeds of ``--select`` (``eval-auc``: held-out AUC, default; ``train-auc``: training-success AUC);
 ties go to the smaller learning rate. Selecting and reporting on the same seeds is optimistic
 (the best of k noisy means is biased upwards); ``train-auc`` selects without looking at the
-held-out curve. Intervals: two-sided 95% t intervals over seeds (:func:`~.stats.t_interval`).
+held-out curve, and ``select_seeds`` K > 0 selects on the K smallest seeds and reports the
+others. Intervals: two-sided 95% t intervals over seeds (:func:`~.stats.t_interval`).
 Paired tests: the reference algorithm (``steppo`` when compared, else the first) against each
 other algorithm, each at its best grid point, on the per-seed held-out AUC of the seeds both
 finished: paired t and the exact sign-flip permutation test (:mod:`.stats`).
