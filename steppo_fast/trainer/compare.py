@@ -119,23 +119,29 @@ def run_one(cfg: TrainConfig, log=print) -> str:
     Returns ``"reused"``, ``"resumed"`` or ``"ran"``."""
     log = log or _silent
     check_run_folder(cfg)
-    done = checkpoint_iteration(cfg.out)  # -1: none yet (the run starts again from 0)
-    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    finished = (
-        done == cfg.iters
-        and os.path.isdir(os.path.join(cfg.out, "model"))
-        and bool(rows)
-        and rows[-1].get("iter") == cfg.iters
-    )
-    if finished:
+    if _finished(cfg):
         return "reused"
-    how = "resumed" if done >= 0 else "ran"
-    log(f"compare: {cfg.algo} lr {cfg.lr!r} seed {cfg.seed} -> {cfg.out} ({how})")
     with run_lock(cfg.out, log):
+        if _finished(cfg):  # another compare sharing --out finished it meanwhile
+            return "reused"
+        done = checkpoint_iteration(cfg.out)  # -1: none yet (the run starts again from 0)
+        how = "resumed" if done >= 0 else "ran"
+        log(f"compare: {cfg.algo} lr {cfg.lr!r} seed {cfg.seed} -> {cfg.out} ({how})")
         start = _stamp()
         Trainer(dataclasses.replace(cfg, resume=done >= 0)).train(log=log)
         _record_segment(cfg.out, start, max(done, 0), cfg.iters)
     return how
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    """The run's checkpoint, exported model and metrics all reached ``cfg.iters``."""
+    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    return (
+        bool(rows)
+        and rows[-1].get("iter") == cfg.iters
+        and os.path.isdir(os.path.join(cfg.out, "model"))
+        and checkpoint_iteration(cfg.out) == cfg.iters
+    )
 
 
 @contextlib.contextmanager
