@@ -3,7 +3,7 @@
 
 Each configuration runs in fresh processes (``python -m torch.distributed.run --nproc-per-node 2
 bench/bench_fsdp_memory.py --worker ...``, or the worker alone for 1 process). A worker builds
-the trainer exactly as ``steppo train`` does (``Trainer`` / ``DistributedTrainer``), runs
+the trainer exactly as ``steppo train`` does (``Trainer`` on ``init_from_env``'s communicator), runs
 ``--iters`` iterations through ``Trainer.step`` (rollout, old log-probs/values, reference
 log-probs, PPO update, inference-copy refresh), then writes one checkpoint, and records:
 
@@ -94,7 +94,7 @@ def _held(trainer) -> dict:
     state = 0
     for st in trainer.optimizer.state.values():
         state += sum(_local_bytes(v) for v in st.values() if torch.is_tensor(v))
-    sharded = getattr(trainer, "sharded", None)
+    sharded = trainer.sharded
     inference = 0
     if sharded is not None:
         inf = sharded.inference
@@ -116,8 +116,8 @@ def worker(args) -> None:
     rss_import_start = _rss()
     import torch
 
+    from steppo_fast.trainer.comm import init_from_env
     from steppo_fast.trainer.config import TrainConfig
-    from steppo_fast.trainer.distributed import DistributedTrainer, init_from_env
     from steppo_fast.trainer.loop import Trainer
 
     rss_imported = _rss()
@@ -141,7 +141,7 @@ def worker(args) -> None:
         out=os.path.join(args.tmp, "run"),
     )
     comm = init_from_env("cpu")
-    trainer = Trainer(cfg) if comm is None else DistributedTrainer(cfg, comm)
+    trainer = Trainer(cfg, comm)  # one process: a LocalComm
     rss_setup, hwm_setup = _rss(), _hwm()
     held_setup = _held(trainer)
 
@@ -157,14 +157,13 @@ def worker(args) -> None:
     held_end = _held(trainer)
     if trainer.is_main:
         os.makedirs(trainer.out, exist_ok=True)
-    if comm is not None:
-        comm.barrier()
+    comm.barrier()
     _reset_hwm()
     trainer.save_checkpoint()
     hwm_checkpoint = _hwm()
     result = {
-        "rank": 0 if comm is None else comm.rank,
-        "world": 1 if comm is None else comm.world,
+        "rank": comm.rank,
+        "world": comm.world,
         "rss_python_start": rss_import_start,
         "rss_after_imports": rss_imported,
         "rss_after_setup": rss_setup,
@@ -184,8 +183,7 @@ def worker(args) -> None:
     }
     with open(os.path.join(args.tmp, f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
-    if comm is not None:
-        comm.close()
+    comm.close()
 
 
 # ---------------------------------------------------------------------- parent

@@ -5,7 +5,7 @@ can import them in the child processes).
   rollout of the whole batch with fixed rewards, then each rank keeps its task groups) and one
   ``ppo_update``
   (2 epochs x 2 mini-batches, several micro-batches, KL to a reference): returns the flat
-  parameters after it. ``comm=None`` is the unchanged single-process path.
+  parameters after it. ``comm=LocalComm()`` is the single-process update.
 - :func:`worker`: the entry point of each spawned rank (gloo over a file store).
 """
 
@@ -21,16 +21,11 @@ from torch.distributed.tensor import DTensor
 
 from steppo_fast import StepBatch
 from steppo_fast.envs import default_tokenizer, make_env
+from steppo_fast.trainer.algorithms import compute_targets
+from steppo_fast.trainer.comm import Comm, global_traj_ids, rank_groups
 from steppo_fast.trainer.config import TrainConfig
-from steppo_fast.trainer.distributed import (
-    Comm,
-    DistributedTrainer,
-    compute_targets_global,
-    global_traj_ids,
-    rank_groups,
-)
 from steppo_fast.trainer.fsdp import ShardedModels
-from steppo_fast.trainer.loop import train_seed
+from steppo_fast.trainer.loop import Trainer, train_seed
 from steppo_fast.trainer.policy import Critic, build_policy
 from steppo_fast.trainer.rollout import rollout
 from steppo_fast.trainer.update import Models, forward, ppo_update, reference_logprobs
@@ -82,9 +77,7 @@ def flat_params(models: Models) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def one_update(
-    algo: str, optim: str, minibatches: int, comm: Comm | None, shard: bool = False
-) -> dict:
+def one_update(algo: str, optim: str, minibatches: int, comm: Comm, shard: bool = False) -> dict:
     cfg = update_cfg(algo, minibatches)
     tok = default_tokenizer()
     torch.manual_seed(0)
@@ -117,17 +110,15 @@ def one_update(
     for i, traj in enumerate(res.trajectories):  # fixed rewards that differ within groups
         traj["steps"][-1]["reward"] = float(i % 3) - 0.5 * len(traj["steps"])
     full = StepBatch.from_trajectories(res.trajectories)
-    traj_ids = None
-    batch, masks = full, res.masks
-    if comm is not None:
-        traj_ids = global_traj_ids(rank_groups(cfg.groups, comm), cfg.group_size)
-        sel = full.select_trajectories(traj_ids)
-        batch, masks = sel.batch, res.masks[full.actions_of_steps(sel.step_index)]
+    # this rank's groups (all of them on one process), as the trainer's step selects them
+    traj_ids = global_traj_ids(rank_groups(cfg.groups, comm), cfg.group_size)
+    sel = full.select_trajectories(traj_ids)
+    batch, masks = sel.batch, res.masks[full.actions_of_steps(sel.step_index)]
     value_units = "token" if algo == "ppo" else ("step" if cfg.uses_critic else None)
     with torch.no_grad():
         out = forward(infer, batch, masks, cfg.temperature, value_units)
         ref_logp = reference_logprobs(reference, batch, masks, cfg.temperature, "padded", cfg.impl)
-    targets = compute_targets_global(cfg, batch, out.values, comm)
+    targets = compute_targets(cfg, batch, out.values, comm)
     stats = ppo_update(
         cfg,
         models,
@@ -191,7 +182,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     results = {case: one_update(*case, comm) for case in CASES}
     results.update({("fsdp", *case): one_update(*case, comm, shard=True) for case in FSDP_CASES})
     # a 1-iteration run (FSDP by default) that saves a checkpoint; the test resumes it on 1 rank
-    trainer = DistributedTrainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm)
+    trainer = Trainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm)
     trainer.train()
     results["sharded"] = trainer.sharded is not None
     results["trained"] = flat_params(trainer.inference_models())
@@ -199,7 +190,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # the single-process checkpoint the test made in <out>/single, resumed on 2 sharded ranks:
     # its state read back right after loading, then one more iteration
     cfg = dataclasses.replace(train_cfg(os.path.join(out_dir, "single"), iters=2), resume=True)
-    resumed = DistributedTrainer(cfg, comm)
+    resumed = Trainer(cfg, comm)
     resumed.prepare_run_dir()
     state = resumed.state()  # every rank: gathers the sharded optimizer state
     results["resumed"] = {k: state[k] for k in ("policy", "critic", "optimizer", "iteration")}
@@ -207,7 +198,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     results["resumed_rows"] = resumed.rows
     # a run folder rank 0 refuses (a run is there, no --resume): every rank raises, none hangs
     try:
-        DistributedTrainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm).train()
+        Trainer(train_cfg(os.path.join(out_dir, "run"), iters=1), comm).train()
     except (ValueError, RuntimeError) as e:
         results["refused"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

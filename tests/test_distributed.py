@@ -1,8 +1,8 @@
-"""Data-parallel trainer (steppo_fast.trainer.distributed): 2 gloo CPU ranks == 1 rank.
+"""Data-parallel trainer (steppo_fast.trainer.comm, one Trainer): 2 gloo CPU ranks == 1 rank.
 
 One ``torch.multiprocessing.spawn`` of 2 ranks (module fixture) runs, on fixed episodes, one
 ``ppo_update`` per algorithm (critic + global whitening: steppo, ppo; group baselines: grpo) and
-a 1-iteration ``DistributedTrainer`` run that saves a checkpoint. The tests compare the 2-rank
+a 1-iteration ``Trainer`` run on the 2 ranks that saves a checkpoint. The tests compare the 2-rank
 parameters with the single-process update on the same batch, and resume the 2-rank checkpoint
 under 1 rank."""
 
@@ -24,6 +24,7 @@ from _dist_worker import (  # noqa: E402
     worker,
 )
 
+from steppo_fast.trainer.comm import LocalComm  # noqa: E402
 from steppo_fast.trainer.loop import Trainer  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-5  # fp32 (tests/conftest.py TOL[torch.float32])
@@ -44,7 +45,7 @@ def two_ranks(tmp_path_factory):
 def test_two_rank_update_equals_one_rank(two_ranks, case):
     _, ranks, _ = two_ranks
     torch.set_num_threads(1)
-    single = one_update(*case, None)
+    single = one_update(*case, LocalComm())
     r0, r1 = ranks[0][case], ranks[1][case]
     # the split is real: each rank held part of the batch, and it needed several micro-batches
     assert 0 < r0["num_trajs"] < single["num_trajs"]
@@ -64,7 +65,7 @@ def test_two_sharded_ranks_update_equals_one_rank(two_ranks, case):
     """FSDP2: parameters, gradients and AdamW state sharded over 2 ranks; same update."""
     _, ranks, _ = two_ranks
     torch.set_num_threads(1)
-    single = one_update(*case, None)
+    single = one_update(*case, LocalComm())
     r0, r1 = ranks[0][("fsdp", *case)], ranks[1][("fsdp", *case)]
     assert 0 < r0["num_trajs"] < single["num_trajs"]
     torch.testing.assert_close(r0["init"], single["init"], atol=0, rtol=0)

@@ -134,14 +134,15 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    import steppo_fast.trainer.distributed as D
+    import steppo_fast.trainer.comm as C
+    import steppo_fast.trainer.loop as D
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     local = []
     D.critic_sums = lambda *a, f=D.critic_sums: local.append(f(*a)) or local[-1]
     cfg = small_cfg(tmp_path=None, iters=1, shard="none", out=os.path.join(out_dir, "run"))
-    trainer = D.DistributedTrainer(cfg, D.Comm(rank, world))
+    trainer = D.Trainer(cfg, C.Comm(rank, world))
     trainer.train(log=lambda *_: None)
     torch.save({"row": trainer.rows[-1], "local": local}, os.path.join(out_dir, f"r{rank}.pt"))
     dist.destroy_process_group()

@@ -25,7 +25,7 @@ from _device_taint import FACTORIES as TAINT_FACTORIES
 from test_trainer_hf import model_dir  # noqa: F401 (fixture: a tiny BPE model directory)
 
 from steppo_fast.envs import default_tokenizer, make_env
-from steppo_fast.trainer import distributed
+from steppo_fast.trainer import comm as distributed
 from steppo_fast.trainer.checkpoint import write_checkpoint
 from steppo_fast.trainer.config import TrainConfig, resolve_device
 from steppo_fast.trainer.loop import CHECKPOINT, Trainer
@@ -136,7 +136,14 @@ def test_torchrun_rank_gets_cuda_local_rank_and_nccl(monkeypatch, spec, backend,
 
 def test_single_process_ignores_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert distributed.init_from_env("cuda") is None  # no process group, no device check
+    monkeypatch.setattr(distributed.dist, "init_process_group", _no_process_group)
+    # no process group: a LocalComm on the resolved device, the one a 1-process Trainer uses
+    assert distributed.init_from_env("cpu") == distributed.LocalComm(torch.device("cpu"))
+    assert distributed.init_from_env("auto").device == resolve_device("auto")
+
+
+def _no_process_group(*args, **kwargs):
+    raise AssertionError("a single process must not start a process group")
 
 
 def test_trainer_device_explicit_cpu_and_default(tmp_path):
@@ -276,7 +283,7 @@ def test_data_parallel_iteration_keeps_collectives_on_the_device(tmp_path, monke
         monkeypatch.setattr(distributed.dist, name, fake_collective)
     monkeypatch.setattr(distributed.dist, "barrier", lambda *a, **k: None)
     comm = distributed.Comm(0, 1, torch.device("cpu"))
-    trainer = distributed.DistributedTrainer(tiny_cfg(tmp_path, shard="none"), comm)
+    trainer = Trainer(tiny_cfg(tmp_path, shard="none"), comm)
     collective_tags.clear()  # the broadcast of the initial parameters ran before tagging
     with DeviceTaint(*_models(trainer)) as mode:
         row = trainer.step()
@@ -296,7 +303,7 @@ def test_sharded_iteration_and_dummy_microbatch_stay_on_the_device(tmp_path):
     try:
         comm = distributed.Comm(0, 1, torch.device("cpu"))
         with DeviceTaint() as mode:  # built inside: the models' .to(device) tags them
-            trainer = distributed.DistributedTrainer(tiny_cfg(tmp_path, shard="fsdp"), comm)
+            trainer = Trainer(tiny_cfg(tmp_path, shard="fsdp"), comm)
             row = trainer.step()
             trainer.sharded.dummy_backward(1.0, "step")
         assert row["tokens"] > 0
@@ -365,15 +372,23 @@ def test_sparse_masks_live_on_the_device_of_their_sets():
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_with_a_generator_state_from_another_device(tmp_path):
+@pytest.mark.parametrize("per_rank", [True, False], ids=["per-rank-streams", "rank-0-only"])
+def test_resume_with_a_generator_state_from_another_device(tmp_path, per_rank):
     cfg = tiny_cfg(tmp_path, iters=1, checkpoint_every=1)
     Trainer(cfg).train(log=lambda *a: None)
     path = os.path.join(cfg.out, CHECKPOINT)
     state = torch.load(path, weights_only=True)
-    assert state["sample_gen_device"] == "cpu"
-    # a checkpoint written on a GPU: CUDA generator states are 16 bytes (seed, offset)
+    assert state["sample_gen_device"] == "cpu" and state["sample_gen_rank_devices"] == ["cpu"]
+    assert torch.equal(state["sample_gen_ranks"][0], state["sample_gen"])  # rank 0's stream
+    # a checkpoint written on a GPU: CUDA generator states are 16 bytes (seed, offset); with
+    # every rank's stream, or (a checkpoint of an earlier version) rank 0's alone
     state["sample_gen_device"] = "cuda"
     state["sample_gen"] = torch.zeros(16, dtype=torch.uint8)
+    if per_rank:
+        state["sample_gen_rank_devices"] = ["cuda"]
+        state["sample_gen_ranks"] = [state["sample_gen"]]
+    else:
+        del state["sample_gen_rank_devices"], state["sample_gen_ranks"]
     write_checkpoint(state, cfg.out)  # (a new checksum)
     runs = []
     for _ in range(2):  # deterministic: two resumes of the same checkpoint agree

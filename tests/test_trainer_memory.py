@@ -286,7 +286,7 @@ def test_grad_checkpointing_under_fsdp2_gives_the_same_update(tmp_path):
     really were recomputed."""
     import torch.distributed as dist
 
-    from steppo_fast.trainer import distributed
+    from steppo_fast.trainer import comm as distributed
 
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
@@ -302,7 +302,7 @@ def test_grad_checkpointing_under_fsdp2_gives_the_same_update(tmp_path):
                 grad_checkpointing=ckpt,
                 forward="packed",
             )
-            trainer = distributed.DistributedTrainer(cfg, comm)
+            trainer = Trainer(cfg, comm)
             calls, _ = count_mlp_calls(trainer.sharded.root.policy)
             trainer.step()
             counts[ckpt] = len(calls)

@@ -5,7 +5,8 @@ Every algorithm produces advantages on a *unit axis*: steps (``steppo``, ``grpo`
 ``step_policy_loss`` by making every action token its own step: ``cu_units = arange(A + 1)``,
 ``ratio_level="token"``, ``agg="token-mean"`` and per-token advantages.
 
-- ``steppo``: ``A, R = step_gae(r_s, V(value_index), cu_trajs)``, ``A = whiten(A)`` over steps.
+- ``steppo``: ``A, R = step_gae(r_s, V(value_index), cu_trajs)``, ``A = whiten(A)`` over steps
+  (over the steps of every rank: :meth:`~.comm.Comm.whiten`).
 - ``ppo``: token rewards (the step's reward on its last token, 0 elsewhere), token values
   V(logit_index) (the state before each action token), ``step_gae`` over the action axis with
   trajectory offsets ``cu_steps[cu_trajs]``, whitened over tokens.
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import discounted_returns, gigpo_advantages, group_advantages, step_gae, whiten
+from .. import discounted_returns, gigpo_advantages, group_advantages, step_gae
+from .comm import LOCAL, Comm
 from .config import TrainConfig
 
 
@@ -46,17 +48,21 @@ def token_rewards(batch) -> torch.Tensor:
     return out
 
 
-def compute_targets(cfg: TrainConfig, batch, values: torch.Tensor | None) -> Targets:
-    """Advantages (and critic targets) for ``batch``.
+def compute_targets(
+    cfg: TrainConfig, batch, values: torch.Tensor | None, comm: Comm = LOCAL
+) -> Targets:
+    """Advantages (and critic targets) for ``batch``, this rank's part of the run's batch.
 
     ``values``: critic values, [S] at ``value_index`` (steppo) or [A] at ``logit_index`` (ppo);
-    ``None`` for critic-free algorithms."""
+    ``None`` for critic-free algorithms. ``comm``: the critic algorithms whiten over every
+    rank's units (:meth:`~.comm.Comm.whiten`; the ``whiten`` op on one process); GAE runs per
+    trajectory and the group algorithms per group, both local to a rank."""
     algo, impl = cfg.algo, cfg.impl
     if algo == "steppo":
         adv, ret = step_gae(
             batch.rewards, values, batch.cu_trajs, gamma=cfg.gamma, lam=cfg.lam, impl=impl
         )
-        return Targets(whiten(adv, impl=impl), ret, values, token_units=False, raw_advantages=adv)
+        return Targets(comm.whiten(adv, impl), ret, values, token_units=False, raw_advantages=adv)
     if algo == "ppo":
         adv, ret = step_gae(
             token_rewards(batch),
@@ -66,7 +72,7 @@ def compute_targets(cfg: TrainConfig, batch, values: torch.Tensor | None) -> Tar
             lam=cfg.lam,
             impl=impl,
         )
-        return Targets(whiten(adv, impl=impl), ret, values, token_units=True, raw_advantages=adv)
+        return Targets(comm.whiten(adv, impl), ret, values, token_units=True, raw_advantages=adv)
     if algo in ("grpo", "gspo"):
         scores = discounted_returns(batch.rewards, batch.cu_trajs, gamma=cfg.gamma, impl=impl)
         first = batch.cu_trajs[:-1].long()

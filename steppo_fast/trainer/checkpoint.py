@@ -254,3 +254,14 @@ def restore_generator(
     )
     gen.manual_seed(reseed)
     return False
+
+
+def load_states(models, state: dict, path: str = CHECKPOINT) -> None:
+    """Load a checkpoint's ``policy`` / ``critic`` / ``reference`` state dicts into ``models``
+    (a :class:`~.update.Models`; a critic or reference that is ``None`` there is skipped; a
+    mismatch is a ``CheckpointError`` naming ``path``)."""
+    load_into(models.policy, state.get("policy"), path, "policy")
+    if models.critic is not None:
+        load_into(models.critic, state.get("critic"), path, "critic")
+    if models.reference is not None:
+        load_into(models.reference, state.get("reference"), path, "reference")

@@ -144,21 +144,21 @@ def _cmd_train(args) -> int:
     cfg = config_from_args(args)
     if cfg.resume:
         cfg = _resume_config(args, cfg)
-    from .distributed import DistributedTrainer, init_from_env
+    from .comm import init_from_env
     from .loop import Trainer
 
-    # a torchrun launch (WORLD_SIZE > 1): data-parallel ranks, one device each (NCCL on CUDA)
+    # a torchrun launch (WORLD_SIZE > 1): data-parallel ranks, one device each (NCCL on CUDA);
+    # else one process
     comm = init_from_env(cfg.device)
-    trainer = Trainer(cfg) if comm is None else DistributedTrainer(cfg, comm)
+    trainer = Trainer(cfg, comm)
     say = print if trainer.is_main else (lambda *a, **k: None)
-    ranks = "" if comm is None else f" on {comm.world} ranks"
+    ranks = f" on {comm.world} ranks" if comm.world > 1 else ""
     say(
         f"steppo train: {trainer.cfg.algo} on {trainer.cfg.env}, model {trainer.cfg.model}, "
         f"{trainer.cfg.iters} iterations{ranks} -> {trainer.out}"
     )
     trainer.train()
-    if comm is not None:
-        comm.close()
+    comm.close()
     evals = [r for r in trainer.rows if "eval_success_rate" in r]
     result = (
         f"held-out success {evals[-1]['eval_success_rate']:.2f} at iteration {evals[-1]['iter']}"

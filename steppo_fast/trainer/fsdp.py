@@ -1,5 +1,5 @@
 """FSDP2 parameter sharding for the data-parallel trainer (``--shard fsdp``, the default under
-``torchrun``; see :mod:`steppo_fast.trainer.distributed` for the data-parallel part).
+``torchrun``; see :mod:`steppo_fast.trainer.comm` for the data-parallel part).
 
 Two copies of the trainable models live on each rank:
 
@@ -54,6 +54,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import StepBatch
+from .checkpoint import load_states
 from .modeling import decoder_layers
 from .update import ForwardOut, Models, forward
 
@@ -203,8 +204,6 @@ class ShardedModels:
         """Load full ``policy`` / ``critic`` / ``reference`` state dicts (a checkpoint read from
         ``path``) into the inference copy and this rank's shards (local slicing, no
         communication)."""
-        from .loop import load_states
-
         load_states(self.inference, state, path)
         for shard, full in self.pairs():
             if isinstance(shard, DTensor):

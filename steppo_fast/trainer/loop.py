@@ -17,13 +17,21 @@ the records and moved once per iteration (``StepBatch.from_trajectories(..., dev
 mini-batch shuffle generator stays on the CPU (it only permutes trajectory ids), so the
 mini-batches do not depend on the device. A sampling-generator state saved on another device
 type (CPU and CUDA states differ) cannot be restored; the generator is then reseeded from
-``(seed, iteration)`` and the run continues with a different, still deterministic, stream.
+``(seed, iteration, rank)`` and the run continues with a different, still deterministic, stream.
+
+Ranks: one loop for 1..W processes. The trainer talks to the other ranks through its
+communicator (:mod:`.comm`): a :class:`~.comm.LocalComm` in one process (every collective is
+the identity), a :class:`~.comm.Comm` under ``torchrun``. Rank ``r`` plays the task groups
+``g % W == r``; advantages are whitened, normalisers and metrics reduced over the ranks; rank 0
+alone logs and writes files; a failure on one rank is raised on every rank. With ``cfg.shard ==
+"fsdp"`` and a process group the policy and critic are sharded with FSDP2 (:mod:`.fsdp`). A
+checkpoint holds full tensors in one format (plus every rank's sampling-generator state) and
+resumes under any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 
@@ -33,40 +41,27 @@ from tqdm.auto import tqdm
 from .. import StepBatch
 from ..envs import make_env
 from .algorithms import compute_targets
-from .checkpoint import (
-    CHECKPOINT,
-    DAMAGED,
-    CheckpointError,
-    check_compatible,
-    has_checkpoint,
-    load_into,
-    read_run_checkpoint,
-    restore_generator,
-    write_checkpoint,
-)
+from .checkpoint import CHECKPOINT
+from .comm import Comm, LocalComm, global_traj_ids, rank_groups
 from .config import TrainConfig, resolve_device
 from .critic_metrics import critic_fields, critic_sums
-from .fields import ConfigError
 from .memory import compute_dtype, enable_grad_checkpointing
 from .plot import plot_run
 from .policy import Critic, build_policy, build_tokenizer
 from .rollout import rollout
 from .rows import episode_stats, mean_ref_kl, summary_line, update_fields
-from .runfiles import clean_orphans, read_metrics, replace_dir, write_metrics
+from .run_state import RunState
+from .runfiles import write_metrics
 from .update import ForwardOut, Models, forward, ppo_update, reference_logprobs
 from .warmstart import load_init
 
 EVAL_SEED_BASE = 1 << 40  # held-out task seeds: EVAL_SEED_BASE + k
-__all__ = [  # (CHECKPOINT, episode_stats, ... are imported from here by other modules)
+__all__ = [  # (CHECKPOINT, episode_stats: imported from here by other modules and tests)
     "CHECKPOINT",
     "EVAL_SEED_BASE",
     "Trainer",
     "episode_stats",
-    "mean_ref_kl",
-    "restore_generator",
-    "summary_line",
     "train_seed",
-    "update_fields",
 ]
 
 
@@ -77,16 +72,17 @@ def train_seed(run_seed: int, iteration: int, group: int, groups: int) -> int:
     return (run_seed % (1 << 16)) * (1 << 24) + (iteration * groups + group) % (1 << 24)
 
 
-class Trainer:
-    """Owns the models, optimizer, RNGs and run directory of one training run."""
+class Trainer(RunState):
+    """Owns the models, optimizer, RNGs and run directory of one training run, on one rank of
+    ``comm`` (default: a :class:`~.comm.LocalComm` on ``cfg.device`` resolved)."""
 
-    is_main = True  # False on the ranks > 0 of a data-parallel run (they write no files, no logs)
-
-    def __init__(self, cfg: TrainConfig, device: torch.device | str | None = None):
-        """``device``: where the models run (default: ``cfg.device`` resolved; the data-parallel
-        trainer passes its rank's device)."""
+    def __init__(self, cfg: TrainConfig, comm: Comm | None = None):
         self.cfg = cfg = cfg.resolved()
-        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
+        self.comm = comm = LocalComm(resolve_device(cfg.device)) if comm is None else comm
+        if cfg.groups < comm.world:
+            raise ValueError(f"--groups: {cfg.groups} < {comm.world} ranks")
+        self.device = comm.device
+        self.is_main = comm.is_main  # ranks > 0 write no files and print no logs
         torch.set_num_threads(cfg.threads)
         self.tokenizer = build_tokenizer(cfg)  # word vocabulary, or --model PATH's own
         torch.manual_seed(cfg.seed)
@@ -106,8 +102,19 @@ class Trainer:
             enable_grad_checkpointing(policy)
             enable_grad_checkpointing(None if critic is None else critic.backbone)
         self.models = Models(policy, critic, reference, forward_mode=cfg.forward, impl=cfg.impl)
-        self.optimizer = self.build_optimizer()
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        for module in (policy, critic, reference):
+            if module is not None:
+                comm.broadcast_params(module)  # every rank starts from rank 0's weights
+        self.sharded = None  # the FSDP2 strategy (a process group and cfg.shard == "fsdp")
+        if comm.can_shard and cfg.shard == "fsdp":
+            from .fsdp import ShardedModels
+
+            # shards policy and critic in place (mesh: the default process group, this device)
+            self.sharded = ShardedModels(self.models)
+        self.optimizer = self.build_optimizer()  # (over the DTensor shards under FSDP)
+        # a sampling stream per rank; rank 0's is the 1-process run's
+        self.sample_gen = torch.Generator(device=self.device)
+        self.sample_gen.manual_seed(cfg.seed + 1_000_003 * comm.rank)
         # host: permutes trajectory ids only (device-independent mini-batches)
         self.shuffle_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         self.iteration = 0  # iterations completed
@@ -124,143 +131,9 @@ class Trainer:
         return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
 
     def inference_models(self) -> Models:
-        """The models rollouts, evaluation and export run (``self.models`` in one process; the
-        gathered full copies under FSDP sharding)."""
-        return self.models
-
-    # ------------------------------------------------------------------ run directory
-    @property
-    def out(self) -> str:
-        return self.cfg.out
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.out, name)
-
-    def prepare_run_dir(self, log=print) -> None:
-        """Create the run directory, or continue the run in it; never overwrite a run silently.
-
-        Leftovers of a crash (temporary files, an interrupted model export) are cleaned first.
-        ``--resume`` loads the newest good checkpoint (``checkpoint.prev.pt`` when
-        ``checkpoint.pt`` is damaged; the damaged file is then renamed
-        ``checkpoint.damaged.pt``, kept for inspection and out of the rotation); a run
-        stopped before its first checkpoint starts again from iteration 0, with or without
-        ``--resume``. A folder with a checkpoint needs ``--resume``; ``--iters`` below the
-        iterations done is an error (config.yaml is then left unchanged)."""
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ValueError(f"--out: {self.out} is a file, not a run directory")
-        for name in clean_orphans(self.out):
-            log(f"note: removed {name} left by an interrupted run in {self.out}")
-        started = any(
-            os.path.exists(self.path(n)) for n in ("config.yaml", "metrics.jsonl", "model")
-        )
-        if has_checkpoint(self.out):
-            if not self.cfg.resume:
-                raise ValueError(
-                    f"--out: {self.out} already holds a run; pass --resume or another --out"
-                )
-            used = self.load_checkpoint(warn=lambda m: log(f"warning: {m}"), training=True)
-            if used != self.path(CHECKPOINT) and os.path.exists(self.path(CHECKPOINT)):
-                # set aside, so the next checkpoint does not rotate it over the good one
-                os.replace(self.path(CHECKPOINT), self.path(DAMAGED))
-                log(f"note: the damaged checkpoint is kept as {self.path(DAMAGED)}")
-        elif self.cfg.resume and not started:
-            raise ValueError(f"--resume: no checkpoint at {self.path(CHECKPOINT)}")
-        elif started:
-            log(
-                f"note: {self.out} holds a run stopped before its first checkpoint; "
-                "starting it again from iteration 0"
-            )
-        os.makedirs(self.out, exist_ok=True)
-        self.cfg.save_yaml(self.path("config.yaml"))
-
-    def state(self) -> dict:
-        """Everything a resume needs, as tensors and plain containers (the checkpoint)."""
-        m = self.inference_models()
-        return {
-            "iteration": self.iteration,
-            "wall_s": self.wall_s(),
-            "policy": m.policy.state_dict(),
-            "critic": None if m.critic is None else m.critic.state_dict(),
-            "reference": None if m.reference is None else m.reference.state_dict(),
-            "optimizer": self.optimizer_state(),
-            "sample_gen": self.sample_gen.get_state(),
-            "sample_gen_device": self.sample_gen.device.type,
-            "shuffle_gen": self.shuffle_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),  # (version, tuple of 625 ints, gauss or None)
-            "config": self.cfg.to_dict(),
-        }
-
-    def save_checkpoint(self) -> None:
-        write_checkpoint(self.state(), self.out)
-
-    def load_checkpoint(self, path: str | None = None, warn=None, training: bool = False) -> str:
-        """Restore the run's newest good checkpoint (see :mod:`.checkpoint`), checked against
-        this run's models. ``path``: the run directory's checkpoint file or the directory
-        (default: this run's). ``training``: the run continues, so ``cfg.iters`` must be at
-        least the iterations done. Returns the file used."""
-        run_dir = (
-            self.out
-            if path is None
-            else (path if os.path.isdir(path) else os.path.dirname(path) or ".")
-        )
-        state, used = read_run_checkpoint(run_dir, warn)
-        check_compatible(state, self.cfg.to_dict(), used)
-        done = state["iteration"]
-        if training and self.cfg.iters < done:
-            raise ConfigError(
-                f"--iters: {self.cfg.iters} is fewer than the {done} iterations {run_dir} has "
-                f"done; give --iters {done} or more (the run is left unchanged)"
-            )
-        self.restore(state, used)
-        return used
-
-    def restore(self, state: dict, path: str) -> None:
-        """Load a verified checkpoint ``state`` (read from ``path``) into this trainer."""
-        self.load_model_states(state, path)
-        try:
-            self.load_optimizer_state(state["optimizer"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
-        self.iteration = state["iteration"]
-        restore_generator(
-            self.sample_gen,
-            state["sample_gen"],
-            state.get("sample_gen_device", "cpu"),
-            reseed=self.cfg.seed + 1_000_003 * self.iteration,
-        )
-        self.shuffle_gen.set_state(state["shuffle_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        self.wall_offset = state["wall_s"]
-        self.rows = [
-            r for r in read_metrics(self.path("metrics.jsonl")) if r["iter"] <= self.iteration
-        ]
-
-    def optimizer_state(self) -> dict:
-        """The optimizer's ``state_dict`` in the single-process format (full tensors)."""
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: dict) -> None:
-        """Load an optimizer ``state_dict`` written by :meth:`optimizer_state`."""
-        self.optimizer.load_state_dict(state)
-
-    def load_model_states(self, state: dict, path: str = CHECKPOINT) -> None:
-        """Load the ``policy`` / ``critic`` / ``reference`` state dicts of a checkpoint."""
-        load_states(self.models, state, path)
-
-    def export_model(self) -> None:
-        """Write the policy in HF format to ``<out>/model`` (load with ``--model <out>/model``),
-        through ``model.tmp`` and a swap (:func:`~.runfiles.replace_dir`)."""
-        policy = self.inference_models().policy
-
-        def write(tmp: str) -> None:
-            policy.save_pretrained(tmp)
-            if hasattr(self.tokenizer, "save_pretrained"):  # a model tokenizer travels with it
-                self.tokenizer.save_pretrained(tmp)
-
-        replace_dir(self.path("model"), write)
+        """The models rollouts, evaluation and export run (``self.models``; the gathered full
+        copies under FSDP sharding)."""
+        return self.models if self.sharded is None else self.sharded.inference
 
     # ------------------------------------------------------------------ rollouts
     def wall_s(self) -> float:
@@ -320,62 +193,73 @@ class Trainer:
         return out, None if ref_logp is None else ref_logp.clone()
 
     def step(self) -> dict:
-        """One iteration: rollout, targets, update. Returns its metrics row."""
-        cfg, models, it = self.cfg, self.models, self.iteration
+        """One iteration: rollout of this rank's task groups, targets, update. Returns its
+        metrics row (the global batch's: means weighted and sums taken over the ranks)."""
+        cfg, comm, it = self.cfg, self.comm, self.iteration
         t0 = time.perf_counter()
+        mine = rank_groups(cfg.groups, comm)
         seeds = [
-            train_seed(cfg.seed, it, g, cfg.groups)
-            for g in range(cfg.groups)
-            for _ in range(cfg.group_size)
+            train_seed(cfg.seed, it, g, cfg.groups) for g in mine for _ in range(cfg.group_size)
         ]
-        groups = [g for g in range(cfg.groups) for _ in range(cfg.group_size)]
+        groups = [g for g in mine for _ in range(cfg.group_size)]
         res = self.collect(
             seeds, groups, greedy=False, generator=self.sample_gen, desc=f"rollout {it + 1}"
         )
         t1 = time.perf_counter()
         batch = StepBatch.from_trajectories(res.trajectories, layout=cfg.layout, device=self.device)
         out, ref_logp = self.score(batch, res.masks)
-        old_logp = out.logp
-        targets = compute_targets(cfg, batch, out.values)
-        n_steps = cfg.epochs * max(1, min(cfg.minibatches, batch.num_trajs))
+        targets = compute_targets(cfg, batch, out.values, comm)
+        n_steps = cfg.epochs * max(1, min(cfg.minibatches, cfg.groups * cfg.group_size))
         with self._bar(n_steps, f"update {it + 1}", unit="step") as bar:
             stats = ppo_update(
                 cfg,
-                models,
+                self.models,
                 self.optimizer,
                 batch,
                 res.masks,
                 targets,
-                old_logp,
+                out.logp,
                 ref_logp,
                 self.shuffle_gen,
                 on_step=bar.update,
+                comm=comm,
+                traj_ids=global_traj_ids(mine, cfg.group_size),
+                sharded=self.sharded,
                 train_policy=it >= cfg.critic_warmup,
             )
+        if self.sharded is not None:
+            self.sharded.refresh()  # rollouts, evaluation and checkpoints read the full copy
         t2 = time.perf_counter()
         self.iteration += 1
-        row = {"iter": self.iteration, **episode_stats(res.trajectories)}
-        if targets.returns is not None:
-            sums = critic_sums(targets.returns, targets.old_values, targets.raw_advantages)
-            row.update(critic_fields(sums))
-        row.update(
-            tokens=batch.num_tokens,
-            action_tokens=batch.num_actions,
-            sequences=batch.num_seqs,
-            **update_fields(stats, self.wall_s(), t0, t1, t2),
-            ref_kl=None if ref_logp is None else mean_ref_kl(old_logp, ref_logp),
-            logp_diff=float((batch.rollout_logp - old_logp).abs().max())
-            if batch.num_actions
-            else 0.0,
+        local = episode_stats(res.trajectories)
+        row = {"iter": self.iteration}
+        row.update(zip(local, comm.mean(list(local.values()), len(res.trajectories))))
+        tokens, actions, seqs = comm.all_reduce_sum(
+            [batch.num_tokens, batch.num_actions, batch.num_seqs]
         )
+        ref_kl = None
+        if ref_logp is not None:
+            (ref_kl,) = comm.mean([mean_ref_kl(out.logp, ref_logp)], batch.num_actions)
+        diff = float((batch.rollout_logp - out.logp).abs().max()) if batch.num_actions else 0.0
+        row.update(
+            tokens=int(tokens),
+            action_tokens=int(actions),
+            sequences=int(seqs),
+            **update_fields(stats, self.wall_s(), t0, t1, t2),
+            ref_kl=ref_kl,
+            logp_diff=comm.all_reduce_max([diff])[0],
+            ranks=comm.world,
+        )
+        if targets.returns is not None:  # summed statistics: the global batch's metrics
+            sums = critic_sums(targets.returns, targets.old_values, targets.raw_advantages)
+            row.update(critic_fields(comm.all_reduce_sum(sums)))
         return row
 
     # ------------------------------------------------------------------ whole run
     def train(self, log=print) -> list[dict]:
         """Run up to ``cfg.iters`` iterations (continuing after a resume). Returns the rows."""
         cfg = self.cfg
-        if not self.is_main:
-            log = _silent
+        log = log if self.is_main else _silent
         self.prepare_run_dir(log)
         self._t_start = time.perf_counter()
         if self.iteration == 0 and cfg.eval_every:
@@ -390,7 +274,7 @@ class Trainer:
                 row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
                 row["wall_s"] = round(self.wall_s(), 3)
             self.rows.append(row)
-            if self.is_main:
+            if self.is_main:  # rank 0 writes the run's files
                 write_metrics(self.path("metrics.jsonl"), self.rows)
             log(summary_line(row, cfg.iters))
             if cfg.plot and self.is_main and ("eval_success_rate" in row or last):
@@ -408,16 +292,6 @@ class Trainer:
         if cfg.iters == self.iteration:
             self.export_model()
         return self.rows
-
-
-def load_states(models: Models, state: dict, path: str = CHECKPOINT) -> None:
-    """Load a checkpoint's ``policy`` / ``critic`` / ``reference`` state dicts into ``models``
-    (a mismatch is a ``CheckpointError`` naming ``path``)."""
-    load_into(models.policy, state.get("policy"), path, "policy")
-    if models.critic is not None:
-        load_into(models.critic, state.get("critic"), path, "critic")
-    if models.reference is not None:
-        load_into(models.reference, state.get("reference"), path, "reference")
 
 
 def _silent(*args, **kwargs) -> None:

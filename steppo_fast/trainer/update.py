@@ -18,6 +18,7 @@ from torch import nn
 from .. import linear_logprobs, step_policy_loss, value_loss
 from ..ops.loss import loss_normalizer
 from .algorithms import Targets, unit_offsets
+from .comm import LOCAL, Comm
 from .config import TrainConfig
 from .masking import masked_logprobs
 from .memory import compute_dtype
@@ -142,7 +143,7 @@ def ppo_update(
     ref_logp: torch.Tensor | None,
     shuffle: torch.Generator,
     on_step: Callable[[int], None] | None = None,
-    comm=None,
+    comm: Comm = LOCAL,
     traj_ids: torch.Tensor | None = None,
     sharded=None,
     train_policy: bool = True,
@@ -153,10 +154,10 @@ def ppo_update(
     ``shuffle`` is a CPU generator (it permutes trajectory ids on the host, whatever the device
     of ``batch``, so the mini-batches do not depend on the device).
 
-    Data-parallel (``comm``, a :class:`steppo_fast.trainer.distributed.Comm`): ``batch`` holds
-    this rank's trajectories, ``traj_ids`` [T_local] their ids in the global batch; the
-    permutation is drawn over the global ids, the normalisers, gradients and stats are summed
-    over ranks (see distributed.py). ``comm=None`` is the single-process update.
+    ``comm`` (:mod:`steppo_fast.trainer.comm`; default: one process): ``batch`` holds this
+    rank's trajectories, ``traj_ids`` [T_local] their ids in the global batch (default: the
+    batch is the whole batch, ids ``0..T-1``); the permutation is drawn over the global ids,
+    the normalisers, gradients and stats are summed over ranks (identities on one process).
 
     FSDP (``sharded``, a :class:`steppo_fast.trainer.fsdp.ShardedModels`, with ``comm``): the
     micro-batch forwards run through its sharded module, every rank pads its micro-batches of a
@@ -179,7 +180,7 @@ def ppo_update(
         weights[key] = weights.get(key, 0.0) + weight
 
     kl_coef = cfg.kl_coef if ref_logp is not None else 0.0
-    n_trajs = batch.num_trajs if comm is None else int(comm.all_reduce_sum([batch.num_trajs])[0])
+    n_trajs = int(comm.all_reduce_sum([batch.num_trajs])[0])
     n_mini = max(1, min(cfg.minibatches, n_trajs))
     for _ in range(cfg.epochs):
         perm = torch.randperm(n_trajs, generator=shuffle)  # host: permutes trajectory ids
@@ -198,8 +199,7 @@ def ppo_update(
             norm = sum(p[4] for p in parts)
             n_values = sum(int(p[2].numel()) - 1 for p in parts)
             n_dummy = 0
-            if comm is not None:
-                norm, n_values = comm.all_reduce_sum([norm, n_values])
+            norm, n_values = comm.all_reduce_sum([norm, n_values])
             if sharded is not None:  # lock-step: the same number of forward/backward per rank
                 n_dummy = int(comm.all_reduce_max([len(parts)])[0]) - len(parts)
             if norm <= 0:
@@ -260,7 +260,7 @@ def ppo_update(
                 )
             for _ in range(n_dummy):
                 sharded.dummy_backward(cfg.temperature, value_units)
-            if comm is not None and sharded is None:
+            if sharded is None:  # (FSDP reduce-scatters in backward)
                 comm.all_reduce_grads(policy_params + critic_params)
             if cfg.grad_clip > 0:
                 gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip)
@@ -270,9 +270,8 @@ def ppo_update(
             optimizer.step()
             if on_step is not None:
                 on_step(1)
-    if comm is not None:
-        keys = sorted(UPDATE_STAT_KEYS)  # the same list on every rank (a rank may have no stats)
-        totals = comm.all_reduce_sum([sums.get(k, 0.0) for k in keys])
-        counts = comm.all_reduce_sum([weights.get(k, 0.0) for k in keys])
-        sums, weights = dict(zip(keys, totals)), dict(zip(keys, counts))
+    keys = sorted(UPDATE_STAT_KEYS)  # the same list on every rank (a rank may have no stats)
+    totals = comm.all_reduce_sum([sums.get(k, 0.0) for k in keys])
+    counts = comm.all_reduce_sum([weights.get(k, 0.0) for k in keys])
+    sums, weights = dict(zip(keys, totals)), dict(zip(keys, counts))
     return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
