@@ -1,6 +1,7 @@
 """Merged vs rows layout on the same trajectories: tokens encoded and wall time per update.
 
-``python -m steppo_fast.trainer.layout_bench [--env doors,quest] [--episodes 64] [--reps 3]``
+``python bench/bench_layouts.py [--env doors,quest] [--episodes 64] [--reps 3] [--threads 1]``
+(or ``python -m bench.bench_layouts``; results in ``bench/results/layouts.json``)
 
 For each environment: one rollout of ``episodes`` episodes with a fresh tiny policy (close to
 the random grammar policy, so episodes run long), packed twice from the *same* records:
@@ -15,17 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 
 import torch
 
-from .. import StepBatch
-from ..envs import default_tokenizer, make_env
-from .algorithms import compute_targets
-from .config import TrainConfig
-from .policy import Critic, build_policy
-from .rollout import rollout
-from .update import Models, forward, ppo_update
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.harness import print_table, write_results  # noqa: E402
+from steppo_fast import StepBatch  # noqa: E402
+from steppo_fast.envs import default_tokenizer, make_env  # noqa: E402
+from steppo_fast.trainer.algorithms import compute_targets  # noqa: E402
+from steppo_fast.trainer.config import TrainConfig  # noqa: E402
+from steppo_fast.trainer.policy import Critic, build_policy  # noqa: E402
+from steppo_fast.trainer.rollout import rollout  # noqa: E402
+from steppo_fast.trainer.update import Models, forward, ppo_update  # noqa: E402
 
 
 def time_update(cfg: TrainConfig, models: Models, batch, masks, reps: int) -> float:
@@ -80,18 +85,31 @@ def measure(env: str, episodes: int, reps: int, threads: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m steppo_fast.trainer.layout_bench")
+    parser = argparse.ArgumentParser(prog="python bench/bench_layouts.py")
     parser.add_argument("--env", default="doors,quest")
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    print(
-        f"loadavg {os.getloadavg()[0]:.1f}, torch threads {args.threads}, torch {torch.__version__}"
-    )
-    for env in args.env.split(","):
-        for row in measure(env, args.episodes, args.reps, args.threads):
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    load_start = os.getloadavg()[0]
+    print(f"loadavg {load_start:.1f}, torch threads {args.threads}, torch {torch.__version__}")
+    rows = [
+        r
+        for env in args.env.split(",")
+        for r in measure(env, args.episodes, args.reps, args.threads)
+    ]
+    print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))  # every row's columns
+    if not args.no_save:
+        path = write_results(
+            "layouts",
+            rows,
+            threads=args.threads,
+            reps=args.reps,
+            loadavg_start=load_start,
+            loadavg_end=os.getloadavg()[0],
+        )
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover
