@@ -15,10 +15,10 @@ from _tolerance import assert_close_to_oracle
 
 from steppo_fast import StepBatch, linear_logprobs
 from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
+from steppo_fast.envs.hf_tokenizer import HFTokenizer
 from steppo_fast.envs.tokenizer import WordTokenizer
 from steppo_fast.trainer.config import TrainConfig
 from steppo_fast.trainer.evaluate import evaluate_run
-from steppo_fast.trainer.hf_tokenizer import HFTokenizer
 from steppo_fast.trainer.loop import Trainer
 from steppo_fast.trainer.masking import (
     SparseMasks,

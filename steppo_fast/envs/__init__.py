@@ -7,8 +7,11 @@
 - ``haystack`` (:class:`HaystackEnv`): the long-context one; read long pages (600 words each),
   find the hidden key, submit it; trajectories reach 8k tokens.
 
-Both speak text (see :class:`Env`), declare an action :class:`Grammar` for constrained
-decoding, and use the shipped word-level vocabulary (:func:`default_tokenizer`).
+All speak text (see :class:`Env`), declare an action :class:`Grammar` for constrained
+decoding, and use the shipped word-level vocabulary (:func:`default_tokenizer`,
+:mod:`.tokenizer`). With a model's own tokenizer (``steppo train --model PATH``) they are
+driven in plain text through :class:`HFTokenizer` (:mod:`.hf_tokenizer`; transformers is
+imported only when one is built).
 """
 
 from .base import (
@@ -27,6 +30,7 @@ from .base import (
 from .doors import DoorsEnv
 from .grammar import Grammar
 from .haystack import HaystackEnv, scripted_action
+from .hf_tokenizer import HFTokenizer
 from .quest import QuestEnv
 from .tokenizer import WordTokenizer, default_tokenizer
 
@@ -40,6 +44,7 @@ __all__ = [
     "checked_step",
     "Grammar",
     "HaystackEnv",
+    "HFTokenizer",
     "QuestEnv",
     "WordTokenizer",
     "default_tokenizer",

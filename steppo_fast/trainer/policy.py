@@ -1,10 +1,10 @@
 """The policy (any HF causal LM), the critic, and their forward passes over a StepBatch.
 
 - :func:`build_tokenizer`: ``"tiny"`` -> the shipped word tokenizer; a directory holding
-  tokenizer files -> its own tokenizer (:class:`~.hf_tokenizer.HFTokenizer`, plain-text
-  framing); a directory without tokenizer files -> the word tokenizer only when the model's
-  vocabulary is exactly the word vocabulary (a ``steppo train`` export of a tiny run), else a
-  ``ValueError`` naming ``--model``.
+  tokenizer files -> its own tokenizer (:class:`~steppo_fast.envs.hf_tokenizer.HFTokenizer`,
+  plain-text framing); a directory without tokenizer files -> the word tokenizer only when the
+  model's vocabulary is exactly the word vocabulary (a ``steppo train`` export of a tiny run),
+  else a ``ValueError`` naming ``--model``.
 - :func:`build_policy`: ``"tiny"`` builds a random-init Qwen2/Llama from a config sized by the
   TrainConfig (vocabulary = the shipped word tokenizer); any other value is a local model
   directory loaded with ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``
@@ -32,9 +32,9 @@ import os
 import torch
 from torch import nn
 
+from ..envs.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer
 from ..envs.tokenizer import WordTokenizer, default_tokenizer
 from .config import TrainConfig
-from .hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer
 from .modeling import backbone
 
 FORWARD_MODES = ("padded", "packed")

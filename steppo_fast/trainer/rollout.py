@@ -28,7 +28,7 @@ Token format of one episode (also the StepBatch merged sequence), with the word 
 
     <bos> <obs> o_0 ... <act> a_0 ... <obs> o_1 ... <act> a_1 ...
 
-and with a model's own tokenizer (:mod:`.hf_tokenizer`, plain text)::
+and with a model's own tokenizer (:mod:`steppo_fast.envs.hf_tokenizer`, plain text)::
 
     [bos] "Observation: o_0\nAction:" " a_0" <end> "Observation: o_1\nAction:" ...
 
@@ -205,7 +205,7 @@ def rollout(
 
     Args:
         model: an HF causal LM over ``tokenizer``'s ids (put in eval mode by the caller).
-        tokenizer: the word tokenizer or an :class:`~.hf_tokenizer.HFTokenizer`.
+        tokenizer: the word tokenizer or an :class:`~steppo_fast.envs.hf_tokenizer.HFTokenizer`.
         make_env: builds a fresh environment (one per episode).
         use_grammar: mask sampling with the env's grammar (if it declares one).
         temperature, greedy: sampling temperature / argmax decoding.

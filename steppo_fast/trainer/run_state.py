@@ -152,15 +152,14 @@ class RunState:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
         self.iteration = state["iteration"]
-        # rank r continues its stream when the checkpoint has one (a checkpoint of a version
-        # without per-rank streams holds rank 0's alone); else a fresh stream per (iteration, rank)
+        # rank r continues its sampling stream when the checkpoint holds one, else (more ranks
+        # than saved, or a state of another device type) starts a fresh one per (iteration, rank)
         rank = self.comm.rank
-        saved = state.get("sample_gen_ranks") or [state["sample_gen"]]
-        kinds = state.get("sample_gen_rank_devices") or (
-            [state.get("sample_gen_device", "cpu")]
-            if "sample_gen_ranks" not in state
-            else ["cpu"] * len(saved)
-        )
+        if "sample_gen_ranks" in state:  # every rank's stream (device types: CPU if unrecorded)
+            saved = state["sample_gen_ranks"]
+            kinds = state.get("sample_gen_rank_devices") or ["cpu"] * len(saved)
+        else:  # a 1-process checkpoint of an earlier version: rank 0's stream alone
+            saved, kinds = [state["sample_gen"]], [state.get("sample_gen_device", "cpu")]
         fresh = self.cfg.seed + 1_000_003 * self.iteration + rank
         if rank < len(saved):
             restore_generator(self.sample_gen, saved[rank], kinds[rank], reseed=fresh)

@@ -1,9 +1,10 @@
 """Drive the environments with a model's own Hugging Face tokenizer (``--model PATH``).
 
 :class:`HFTokenizer` wraps ``AutoTokenizer.from_pretrained(path, local_files_only=True)`` and
-offers the rollout what :class:`~steppo_fast.envs.tokenizer.WordTokenizer` offers it (pad / bos
-ids, the framing of an observation before an action, encode / decode, vocabulary size) with
-**plain-text framing** (no chat template, no new special tokens, no embedding resize)::
+offers the rollout what :class:`~.tokenizer.WordTokenizer` (the built-in vocabulary, beside this
+file) offers it (pad / bos ids, the framing of an observation before an action, encode /
+decode, vocabulary size) with **plain-text framing** (no chat template, no new special tokens,
+no embedding resize)::
 
     [bos] "Observation: " o_0 "\\nAction:" " " a_0 <end> "Observation: " o_1 "\\nAction:" ...
 
