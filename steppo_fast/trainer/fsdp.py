@@ -38,7 +38,7 @@ Devices: the FSDP mesh is the default process group on the device the models alr
 default (which picks CUDA whenever it is available, even for a ``--device cpu`` run). The
 dummy batch, the inference copy and the shards live on that device too.
 
-Checkpoints hold full tensors in the single-process format (:func:`full_optimizer_state`,
+Checkpoints hold full tensors in the unsharded format (:func:`full_optimizer_state`,
 :meth:`ShardedModels.load_full`), so a run resumes under any number of ranks, sharded or not.
 """
 
@@ -217,7 +217,7 @@ class ShardedModels:
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
     """``optimizer.state_dict()`` with every ``DTensor`` state gathered to a full tensor: the
-    single-process format. Collective: call on every rank. ``keep=False`` (the ranks that do
+    unsharded format. Collective: call on every rank. ``keep=False`` (the ranks that do
     not write the checkpoint) drops each gathered tensor at once and returns ``None``, so those
     ranks hold one full tensor at a time instead of both full AdamW moments."""
     sd = optimizer.state_dict()
@@ -234,7 +234,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) ->
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """Load a single-process optimizer ``state_dict`` into an optimizer over ``DTensor`` shards:
+    """Load an unsharded optimizer ``state_dict`` into an optimizer over ``DTensor`` shards:
     each state tensor shaped like its parameter is sliced like it (no communication)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
