@@ -193,7 +193,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     resumed = Trainer(cfg, comm)
     resumed.prepare_run_dir()
     state = resumed.state()  # every rank: gathers the sharded optimizer state
-    results["resumed"] = {k: state[k] for k in ("policy", "critic", "optimizer", "iteration")}
+    # copies: the state dicts share storage with the live parameters, which training changes
+    keep = {k: state[k] for k in ("policy", "critic", "optimizer", "iteration")}
+    results["resumed"] = copy.deepcopy(keep)
     resumed.train()
     results["resumed_rows"] = resumed.rows
     # a run folder rank 0 refuses (a run is there, no --resume): every rank raises, none hangs
