@@ -7,11 +7,12 @@
 
 Both offer the same collectives over plain numbers, gradients, parameters and Python objects.
 On :class:`LocalComm` (rank 0 of 1) every collective is the identity (or does nothing) and
-returns its input exactly, so a 1-process run computes what it computed before there was a
-communicator; the one exception is by design: :meth:`LocalComm.whiten` is the ``whiten`` op
-(its fast fused path) where :meth:`Comm.whiten` is :func:`global_whiten` (the same mean and
-unbiased std over the union of the ranks' entries, accumulated in float64 through two
-all-reduces).
+returns its input exactly, so a 1-process run computes exactly what a loop written for one
+process would; the one exception is by design: :meth:`LocalComm.whiten` is the ``whiten`` op
+(on the backend ``impl`` picks; exact on equal entries, which it whitens to 0 bit for bit)
+where :meth:`Comm.whiten` is :func:`global_whiten` (the same mean and unbiased std over the
+union of the ranks' entries, accumulated in float64 through two all-reduces; both round once
+into fp32, so they agree to about one fp32 rounding).
 
 Devices (:func:`init_from_env`): with ``--device auto`` (the default) or ``cuda`` on a CUDA
 machine, rank ``r`` runs on ``cuda:LOCAL_RANK`` and the process group uses NCCL; with
@@ -176,7 +177,7 @@ class LocalComm(Comm):
         return [float(v) for v in values]  # one rank: its mean, exactly (no v * w / w rounding)
 
     def whiten(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-        return whiten(x, impl=impl)  # the fused op (fp32), not the float64 collective path
+        return whiten(x, impl=impl)  # the op itself, not the collective path
 
     def all_gather_object(self, obj) -> list:
         return [obj]
