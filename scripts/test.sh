@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up ./.venv (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
 #
-# Then the numeric tests (marker "numerics", tests/conftest.py NUMERIC_MODULES) run a second
+# Then the numeric tests (marker "numerics", tests/conftest.py NUMERIC_FILES) run a second
 # time under another CPU code path, so a tolerance that only holds for one CPU's kernels fails
 # here first: ATen's generic (non-AVX) kernels, MKL and oneDNN limited to SSE4, OpenBLAS's
 # Nehalem kernels (numpy's matmul: the Triton interpreter's tl.dot) and numpy's baseline SIMD

@@ -1,6 +1,5 @@
-"""Shared helpers for the C++ backend tests (tests/test_cpp_*.py): the skip marker when the
-extension is not built, CSR layouts (ragged, with empty segments, long, large enough to use
-several thread-pool chunks), and comparison against the torch reference evaluated in float64.
+"""Shared helpers for the C++ backend tests (tests/*/test_cpp_*.py): the skip marker when the
+extension is not built and comparison against the torch reference evaluated in float64.
 
 Comparing against the reference on the same input values upcast to fp64 measures the kernel's
 error against the exact result of the spec's math. The C++ kernels accumulate in double and
@@ -45,55 +44,6 @@ requires_cpp = pytest.mark.skipif(
 
 # Input dtypes the kernels read directly (fp16 shares the bf16 path: upcast per element).
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def offsets(lengths, dtype=torch.int32) -> torch.Tensor:
-    """CSR offsets [len(lengths) + 1] from segment lengths."""
-    lengths = torch.as_tensor(lengths, dtype=torch.int64)
-    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(dtype)
-
-
-def ragged_lengths(gen: torch.Generator, count: int, low: int, high: int) -> torch.Tensor:
-    """``count`` lengths uniform in [low, high]."""
-    return torch.randint(low, high + 1, (count,), generator=gen)
-
-
-# Named layouts of segment lengths (a trajectory's steps, or a step's tokens). The large ones
-# (> 2**16 entries) split into several thread-pool chunks, and their segments cross chunk
-# boundaries; "long_tokens" is token-level GAE with trajectories of 60k-70k tokens.
-def layout(name: str, gen: torch.Generator) -> torch.Tensor:
-    if name == "hand":
-        return torch.tensor([3, 1, 2])
-    if name == "one_each":  # one-step trajectories / one-token steps
-        return torch.ones(64, dtype=torch.int64)
-    if name == "ragged_with_empty":  # includes leading, inner and trailing empty segments
-        inner = ragged_lengths(gen, 200, 0, 40)
-        return torch.cat(
-            [torch.zeros(2, dtype=torch.int64), inner, torch.zeros(3, dtype=torch.int64)]
-        )
-    if name == "long_5000":
-        return torch.tensor([5000])
-    if name == "long_tokens":
-        return torch.tensor([60_000, 1, 70_000, 0])
-    if name == "many_short":  # ~120k entries in 40k segments: chunk-crossing segments
-        return ragged_lengths(gen, 40_000, 1, 5)
-    if name == "empty_batch":
-        return torch.zeros(0, dtype=torch.int64)
-    if name == "all_empty":
-        return torch.zeros(5, dtype=torch.int64)
-    raise KeyError(name)
-
-
-LAYOUTS = [
-    "hand",
-    "one_each",
-    "ragged_with_empty",
-    "long_5000",
-    "long_tokens",
-    "many_short",
-    "empty_batch",
-    "all_empty",
-]
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""A device-discipline checker for a CPU-only machine (used by tests/test_trainer_device.py).
+"""A device-discipline checker for a CPU-only machine (used by
+tests/trainer/test_trainer_device.py).
 
 With no GPU every tensor is on the CPU, so a tensor the trainer forgets to put on the model's
 device cannot fail here. :class:`DeviceTaint` (a ``TorchFunctionMode``) simulates two devices

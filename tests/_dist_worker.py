@@ -1,5 +1,5 @@
-"""Workers of tests/test_distributed.py (a module of its own so ``torch.multiprocessing.spawn``
-can import them in the child processes).
+"""Workers of tests/trainer/test_distributed.py (a module of its own so
+``torch.multiprocessing.spawn`` can import them in the child processes).
 
 - :func:`one_update`: a fixed rollout batch (the same episodes on every rank: one fixed-seed
   rollout of the whole batch with fixed rewards, then each rank keeps its task groups) and one

@@ -1,5 +1,6 @@
-"""Misbehaving environments for tests/test_trainer_faults.py and tests/test_trainer_env_faults.py (a
-module of its own so a child ``steppo train`` process can register them too).
+"""Misbehaving environments for tests/trainer/test_trainer_faults.py and
+tests/trainer/test_trainer_env_faults.py (a module of its own so a child ``steppo train`` process
+can register them too).
 
 - ``killer``: doors (one door, 3 steps) whose process ``kill -9``s itself at the
   ``STEPPO_TEST_KILL_AT``-th ``step()`` call when that variable is set (else a plain env);

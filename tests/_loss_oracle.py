@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from _csr import random_layout
 
 RATIO_LEVELS = ["step", "token", "trajectory"]
 AGGS = ["step-mean", "token-mean", "traj-mean"]
@@ -38,24 +39,6 @@ def make_case(seed, weights="none", dtype=torch.float64, num_trajs=3, max_steps=
         step_weight=sw,
         ref_logp=ref.to(dtype),
     )
-
-
-def random_layout(gen: torch.Generator, num_trajs: int, max_steps: int, max_tokens: int):
-    """(cu_steps int32 [S+1], cu_trajs int32 [B+1]) with 1..max_steps steps per trajectory and
-    1..max_tokens tokens per step."""
-    steps = torch.randint(1, max_steps + 1, (num_trajs,), generator=gen)
-    num_steps = int(steps.sum())
-    tokens = torch.randint(1, max_tokens + 1, (num_steps,), generator=gen)
-    cu_trajs = torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)]).int()
-    cu_steps = torch.cat([torch.zeros(1, dtype=torch.long), tokens.cumsum(0)]).int()
-    return cu_steps, cu_trajs
-
-
-def offsets_from_lengths(lengths) -> torch.Tensor:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + int(n))
-    return torch.tensor(out, dtype=torch.int32)
 
 
 def oracle_kl(logp: float, ref: float, kind: str) -> float:

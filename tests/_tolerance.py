@@ -37,7 +37,8 @@ LAMBDA = 4.0
 # Constant of the oracle comparison (flash-attention uses 2): a different correct algorithm
 # (other summation order, other exp / log, inputs such as a log-sum-exp taken from a separate
 # fp32 computation) may err a few times more than torch's one fp32 path does; 4 covers that and
-# still fails on an error of 1e-5 relative in one coefficient (tests/test_triton_logprobs.py).
+# still fails on an error of 1e-5 relative in one coefficient
+# (tests/logprobs/test_triton_logprobs.py).
 ORACLE_FACTOR = 4.0
 
 

@@ -2,6 +2,9 @@
 kernel, so it is set here, before steppo_fast (or triton) is imported by a test module."""
 
 import os
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,17 +21,42 @@ def _seed():
     yield
 
 
-# Modules that run (tiny) transformers models: one torch thread. Small models are fastest on one
+TESTS = Path(__file__).resolve().parent
+
+# A few test modules import helpers from test modules of other folders (the GPU-config tests
+# reuse the Triton tests' oracles and bounds). pytest's default "prepend" import mode puts only
+# a test file's own folder on sys.path, so every test folder goes on it here (appended: nothing
+# installed is shadowed); test basenames are unique across folders (tests/repo/test_markers.py).
+for _folder in sorted(TESTS.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith(("_", ".")):
+        if str(_folder) not in sys.path:
+            sys.path.append(str(_folder))
+
+
+def rel_path(item) -> str:
+    """The test file of ``item`` relative to tests/, posix (e.g. ``segment/test_segments.py``)."""
+    path = Path(str(item.fspath)).resolve()
+    try:
+        return path.relative_to(TESTS).as_posix()
+    except ValueError:  # a test file outside tests/ (given by path on the command line)
+        return path.name
+
+
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether the tests/-relative ``path`` matches one of the fnmatch ``patterns``."""
+    return any(fnmatch(path, pattern) for pattern in patterns)
+
+
+# Files that run (tiny) transformers models: one torch thread. Small models are fastest on one
 # thread, and two threads on a loaded 2-vCPU machine made them up to ~10x slower; the kernel and
 # C++ tests keep the default thread count (their threaded paths are what they test). The count is
 # restored after each test, so the result does not depend on test order (Trainer sets it too).
-ONE_THREAD_MODULES = ("test_trainer", "test_layouts_model", "test_distributed")
+ONE_THREAD_FILES = ("trainer/*", "model/test_layouts_model.py")
 
 
 @pytest.fixture(autouse=True)
 def _threads(request):
-    name = request.module.__name__.rsplit(".", 1)[-1]
-    if not name.startswith(ONE_THREAD_MODULES):
+    if not matches(rel_path(request.node), ONE_THREAD_FILES):
         yield
         return
     before = torch.get_num_threads()
@@ -50,20 +78,23 @@ TOL = {
 }
 
 
-# Slow groups, by test module (basename prefix). Each test of a group gets the group's marker
-# and `slow`, so `pytest -m "not slow"` is the fast subset and `-m triton` one group. A test of
-# any module parametrised with the value "triton" (an `impl`) joins the triton group too. The
-# markers are registered in pyproject.toml (--strict-markers rejects unknown ones).
+# Slow groups, by test file (fnmatch patterns on the path relative to tests/). Each test of a
+# group gets the group's marker and `slow`, so `pytest -m "not slow"` is the fast subset and
+# `-m triton` one group. A test of any file parametrised with the value "triton" (an `impl`,
+# tests/_impls.py) joins the triton group too. The markers are registered in pyproject.toml
+# (--strict-markers rejects unknown ones); tests/repo/test_markers.py checks every pattern
+# matches a file.
 SLOW_GROUPS = {
-    "trainer": ("test_trainer", "test_distributed", "test_layouts_model"),
-    "triton": ("test_triton_", "test_compile"),
-    "gpu_compile": ("test_triton_gpu_compile",),
+    "trainer": ("trainer/*", "model/test_layouts_model.py"),
+    "triton": ("*/test_triton_*", "ops/test_compile.py"),
+    "gpu_compile": ("gpu_compile/test_triton_gpu_compile.py",),
 }
 
 
-def group_markers(module: str, params: dict) -> list[str]:
-    """The slow-group markers of a test in ``module`` with parametrisation ``params``."""
-    groups = [g for g, prefixes in SLOW_GROUPS.items() if module.startswith(prefixes)]
+def group_markers(path: str, params: dict) -> list[str]:
+    """The slow-group markers of a test in the tests/-relative file ``path`` with
+    parametrisation ``params``."""
+    groups = [g for g, patterns in SLOW_GROUPS.items() if matches(path, patterns)]
     if "gpu_compile" in groups:
         groups.remove("triton")  # test_triton_gpu_compile: ptxas, not the interpreter
     if "triton" not in groups and any(
@@ -75,9 +106,8 @@ def group_markers(module: str, params: dict) -> list[str]:
 
 def _add_group_markers(items):
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        for name in group_markers(module, params):
+        for name in group_markers(rel_path(item), params):
             item.add_marker(name)
 
 
@@ -90,14 +120,14 @@ def _add_group_markers(items):
 # scans (adds and multiplies in a fixed order: exact IEEE operations, the same bits on any
 # path), fp64-dominated modules (test_loss, test_loss_grad, test_advantages), the GPU-tile
 # repeats of the same kernels (test_triton_gpu_configs) and torch.compile (slow).
-NUMERIC_MODULES = (
-    "test_layouts_model",
-    "test_logprobs",
-    "test_segments",
-    "test_triton_logprobs",
-    "test_triton_segments",
-    "test_triton_step_loss",
-    "test_triton_step_loss_grads",
+NUMERIC_FILES = (
+    "model/test_layouts_model.py",
+    "logprobs/test_logprobs.py",
+    "logprobs/test_triton_logprobs.py",
+    "segment/test_segments.py",
+    "segment/test_triton_segments.py",
+    "step_loss/test_triton_step_loss.py",
+    "step_loss/test_triton_step_loss_grads.py",
 )
 # Within them, tests that check registration, tracing or argument errors only.
 NOT_NUMERIC = ("opcheck", "fullgraph", "value_error", "raises", "gradcheck")
@@ -107,6 +137,5 @@ def pytest_collection_modifyitems(config, items):
     _add_group_markers(items)
     numerics = pytest.mark.numerics
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
-        if module in NUMERIC_MODULES and not any(w in item.name for w in NOT_NUMERIC):
+        if matches(rel_path(item), NUMERIC_FILES) and not any(w in item.name for w in NOT_NUMERIC):
             item.add_marker(numerics)

@@ -7,12 +7,12 @@ chosen from the device of the inputs and, where it matters, from the shapes.
 - CUDA tensors: a static table sized for A100 / H100 (sm_80 / sm_90), no autotuning (autotune
   with 2+ configs fails under the interpreter, and a static choice keeps the registered ops
   deterministic and ``torch.compile``-friendly). Every configuration the table can return is
-  compiled for sm_90 and sm_80 by ``tests/test_triton_gpu_compile.py`` (no register spills,
-  shared memory within the limit, tensor-core MMAs in the 16-bit GEMM-like kernels) and run
-  under the interpreter on small shapes by ``tests/test_triton_gpu_configs.py``. The argument
-  for each choice (occupancy, arithmetic intensity per tile) and the compile report are in
-  bench/ROOFLINE.md, "Launch configurations". Compiled, **not measured**: a GPU may prefer
-  other tiles.
+  compiled for sm_90 and sm_80 by ``tests/gpu_compile/test_triton_gpu_compile.py`` (no
+  register spills, shared memory within the limit, tensor-core MMAs in the 16-bit GEMM-like
+  kernels) and run under the interpreter on small shapes by
+  ``tests/gpu_compile/test_triton_gpu_configs.py``. The argument for each choice (occupancy,
+  arithmetic intensity per tile) and the compile report are in bench/ROOFLINE.md, "Launch
+  configurations". Compiled, **not measured**: a GPU may prefer other tiles.
 
 Nothing here reads environment variables; the only state is a per-device cache of
 ``torch.cuda.get_device_properties`` (compute capability and SM count).

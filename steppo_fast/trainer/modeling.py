@@ -14,7 +14,7 @@ All R sequences go through the model as **one row** of N tokens; what keeps them
   builds a block-causal mask from the position resets. With the default ``use_cache`` (True
   for most configs) or with a 2-D all-ones ``attention_mask``, transformers silently builds a
   plain causal mask and the sequences attend to each other (tested in
-  ``tests/test_layouts_model.py``).
+  ``tests/model/test_layouts_model.py``).
 - ``attention="block_mask"``: an explicit 4-D additive float mask [1, 1, N, N] (0 = attend,
   dtype min = blocked), built by :func:`block_diagonal_mask`. O(N^2) memory: small batches,
   eager attention and debugging only.
