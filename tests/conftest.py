@@ -81,21 +81,23 @@ TOL = {
 # Slow groups, by test file (fnmatch patterns on the path relative to tests/). Each test of a
 # group gets the group's marker and `slow`, so `pytest -m "not slow"` is the fast subset and
 # `-m triton` one group. A test of any file parametrised with the value "triton" (an `impl`,
-# tests/_impls.py) joins the triton group too. The markers are registered in pyproject.toml
-# (--strict-markers rejects unknown ones); tests/repo/test_markers.py checks every pattern
-# matches a file.
+# tests/_impls.py) joins the triton group too, and a test marked with a group's marker by hand
+# (``@pytest.mark.subprocess``: it starts a fresh Python, ~2-7 s of imports) gets `slow`. The
+# markers are registered in pyproject.toml (--strict-markers rejects unknown ones);
+# tests/repo/test_markers.py checks every pattern matches a file.
 SLOW_GROUPS = {
     "trainer": ("trainer/*", "model/test_layouts_model.py"),
     "triton": ("*/test_triton_*", "ops/test_compile.py"),
     "gpu_compile": ("gpu_compile/test_triton_gpu_compile.py",),
+    "subprocess": (),  # marked by hand
 }
 
 
-def group_markers(path: str, params: dict) -> list[str]:
+def group_markers(path: str, params: dict, marked: tuple[str, ...] = ()) -> list[str]:
     """The slow-group markers of a test in the tests/-relative file ``path`` with
-    parametrisation ``params``."""
-    groups = [g for g, patterns in SLOW_GROUPS.items() if matches(path, patterns)]
-    if "gpu_compile" in groups:
+    parametrisation ``params`` and the markers ``marked`` it carries by hand."""
+    groups = [g for g, patterns in SLOW_GROUPS.items() if matches(path, patterns) or g in marked]
+    if "gpu_compile" in groups and "triton" in groups:
         groups.remove("triton")  # test_triton_gpu_compile: ptxas, not the interpreter
     if "triton" not in groups and any(
         isinstance(v, str) and v == "triton" for v in params.values()
@@ -107,8 +109,10 @@ def group_markers(path: str, params: dict) -> list[str]:
 def _add_group_markers(items):
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        for name in group_markers(rel_path(item), params):
-            item.add_marker(name)
+        marked = tuple(m.name for m in item.iter_markers() if m.name in SLOW_GROUPS)
+        for name in group_markers(rel_path(item), params, marked):
+            if name not in marked and item.get_closest_marker(name) is None:
+                item.add_marker(name)
 
 
 # Test modules whose floating-point results depend on the CPU code path (torch's ATen kernels,

@@ -420,6 +420,7 @@ def test_use_numba_switch():
             _packing_numba.should_use(True, 1)
 
 
+@pytest.mark.subprocess
 def test_falls_back_to_numpy_without_numba():
     """With numba unimportable the package still packs (numpy path) and auto never picks numba."""
     code = (

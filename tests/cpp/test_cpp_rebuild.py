@@ -161,6 +161,7 @@ def finish_holder(proc, stop, out):
 
 
 @requires_cpp
+@pytest.mark.subprocess
 def test_process_using_the_extension_survives_a_swapped_in_build(ai, tmp_path):
     """A process calls an op from the loaded library in a loop while a new build (here: a
     file of the same size whose bytes all differ, so any page read from the new file would

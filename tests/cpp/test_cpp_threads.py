@@ -207,6 +207,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_fork_child_runs_threaded_kernels():
     """A fork child (e.g. a DataLoader worker) inherits no pool threads: its parallel loops

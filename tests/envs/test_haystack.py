@@ -100,6 +100,7 @@ def test_bad_config_is_a_value_error(kwargs, match):
         HaystackEnv(**kwargs)
 
 
+@pytest.mark.trainer
 def test_steppo_train_runs_end_to_end_on_haystack(tmp_path):
     """The CLI path with every long-context lever on, on a shorter haystack (100-word pages,
     6 steps) to keep the test affordable: the default one (8.4k-token episodes) ran end to end

@@ -43,3 +43,6 @@ def test_group_rules():
     ]
     assert group_markers("step_loss/test_loss.py", {"impl": "cpp"}) == []
     assert group_markers("batch/test_batch.py", {}) == []
+    # a group marker set by hand: the group and slow
+    assert group_markers("cpp/test_cpp_threads.py", {}, ("subprocess",)) == ["subprocess", "slow"]
+    assert group_markers("envs/test_haystack.py", {}, ("trainer",)) == ["trainer", "slow"]
