@@ -82,7 +82,8 @@ TOL = {
 # group gets the group's marker and `slow`, so `pytest -m "not slow"` is the fast subset and
 # `-m triton` one group. A test of any file parametrised with the value "triton" (an `impl`,
 # tests/_impls.py) joins the triton group too, and a test marked with a group's marker by hand
-# (``@pytest.mark.subprocess``: it starts a fresh Python, ~2-7 s of imports) gets `slow`. The
+# (``@pytest.mark.subprocess``: it starts a fresh Python, ~2-7 s of imports) gets `slow`; so
+# does a test parametrised with a large layout (LARGE_CASES: the `large` group). The
 # markers are registered in pyproject.toml (--strict-markers rejects unknown ones);
 # tests/repo/test_markers.py checks every pattern matches a file.
 SLOW_GROUPS = {
@@ -90,7 +91,12 @@ SLOW_GROUPS = {
     "triton": ("*/test_triton_*", "ops/test_compile.py"),
     "gpu_compile": ("gpu_compile/test_triton_gpu_compile.py",),
     "subprocess": (),  # marked by hand
+    "large": (),  # by parametrisation: LARGE_CASES
 }
+# Named input layouts of 5k-130k entries (tests/_csr.py LAYOUTS, step_loss/test_cpp_loss.py
+# EDGE_CASES): the C++ kernels over several thread-pool chunks, checked against the fp64
+# reference. A test parametrised with one of these names is in the `large` group.
+LARGE_CASES = ("long_5000", "long_tokens", "many_short", "long_5000_steps", "many_trajectories")
 
 
 def group_markers(path: str, params: dict, marked: tuple[str, ...] = ()) -> list[str]:
@@ -103,6 +109,10 @@ def group_markers(path: str, params: dict, marked: tuple[str, ...] = ()) -> list
         isinstance(v, str) and v == "triton" for v in params.values()
     ):
         groups.append("triton")
+    if "large" not in groups and any(
+        isinstance(v, str) and v in LARGE_CASES for v in params.values()
+    ):
+        groups.append("large")
     return [*groups, "slow"] if groups else []
 
 

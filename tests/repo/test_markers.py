@@ -5,7 +5,8 @@ import re
 from fnmatch import fnmatch
 from pathlib import Path
 
-from conftest import NUMERIC_FILES, ONE_THREAD_FILES, SLOW_GROUPS, TESTS, group_markers
+from _csr import LAYOUTS
+from conftest import LARGE_CASES, NUMERIC_FILES, ONE_THREAD_FILES, SLOW_GROUPS, TESTS, group_markers
 
 
 def _test_files() -> list[str]:
@@ -46,3 +47,15 @@ def test_group_rules():
     # a group marker set by hand: the group and slow
     assert group_markers("cpp/test_cpp_threads.py", {}, ("subprocess",)) == ["subprocess", "slow"]
     assert group_markers("envs/test_haystack.py", {}, ("trainer",)) == ["trainer", "slow"]
+    assert group_markers("scan/test_cpp_advantages.py", {"name": "many_short"}) == [
+        "large",
+        "slow",
+    ]
+    assert group_markers("scan/test_cpp_advantages.py", {"name": "hand"}) == []
+
+
+def test_large_cases_name_real_layouts():
+    # a renamed layout would silently leave the large group
+    from test_cpp_loss import EDGE_CASES
+
+    assert set(LARGE_CASES) <= set(LAYOUTS) | set(EDGE_CASES)
