@@ -11,7 +11,7 @@ It drives, from one place:
   last entry = that axis length), ``nonempty`` (no empty segment) and ``values``; the rules
   that relate several fields (``rule`` texts naming other fields) are code in checks.py;
 - the field list of docs/design.md §2 (:func:`markdown_table`) and of the StepBatch docstring
-  (:func:`docstring_lines`); tests/test_batch_fields.py asserts both agree with this table.
+  (:func:`docstring_lines`); tests/batch/test_batch_fields.py asserts both agree with this table.
 
 Lengths are written in the axis symbols: N tokens, R sequences, A action tokens, S steps,
 B trajectories (``"R+1"``: an offsets array over R segments).

@@ -20,7 +20,7 @@ from steppo_fast.batch.fields import (
     markdown_table,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def full_batch() -> StepBatch:
