@@ -5,6 +5,7 @@ group_advantages, gigpo_advantages): each asserts the message names the offendin
 import pytest
 import torch
 from _csr import offsets
+from _impls import impl_or_skip, impls_for
 
 import steppo_fast
 from steppo_fast import (
@@ -69,9 +70,12 @@ def _nan_at(n, i):
         (dict(impl="cuda"), ["impl"]),
     ],
 )
-def test_step_gae_value_errors(overrides, names):
+@pytest.mark.parametrize("impl", impls_for("step_gae"))
+def test_step_gae_value_errors(impl, overrides, names):
+    # every backend: the checks run before the backend is chosen (an impl in ``overrides`` wins)
+    impl = impl_or_skip("step_gae", impl)
     with pytest.raises(ValueError) as info:
-        _call_gae(**overrides)
+        _call_gae(**{"impl": impl, **overrides})
     for name in names:
         assert name in str(info.value)
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _impls import impl_or_skip, impls_for
 
 from steppo_fast import kl_penalty, step_policy_loss, value_loss
 from steppo_fast.ops.loss import loss_normalizer
@@ -64,9 +65,12 @@ POLICY_CASES = [
 
 
 @pytest.mark.parametrize("override, needle", POLICY_CASES)
-def test_step_policy_loss_errors(override, needle):
+@pytest.mark.parametrize("impl", impls_for("step_policy_loss"))
+def test_step_policy_loss_errors(impl, override, needle):
+    # every backend: the checks run before the backend is chosen (an impl in ``override`` wins)
+    impl = impl_or_skip("step_policy_loss", impl)
     with pytest.raises(ValueError) as err:
-        step_policy_loss(**{**base(), **override})
+        step_policy_loss(**{**base(), "impl": impl, **override})
     assert needle in str(err.value)
 
 
