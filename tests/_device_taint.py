@@ -113,8 +113,14 @@ def _set_tag(t, tag: str | None, run: object) -> None:
 
 
 def _in_package(frame) -> bool:
+    """Whether the frame's file is this repository's code: under the checkout, not under its
+    tests/ or .venv* (judged on the path relative to the checkout, which may itself sit in a
+    folder called tests)."""
     path = os.path.abspath(frame.filename)
-    return path.startswith(PACKAGE) and "/tests/" not in path and ".venv" not in path
+    if not path.startswith(PACKAGE + os.sep):
+        return False
+    top = os.path.relpath(path, PACKAGE).split(os.sep)[0]
+    return top != "tests" and not top.startswith(".venv")
 
 
 def _where() -> tuple[str, bool]:
