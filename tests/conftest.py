@@ -51,7 +51,11 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
 # thread, and two threads on a loaded 2-vCPU machine made them up to ~10x slower; the kernel and
 # C++ tests keep the default thread count (their threaded paths are what they test). The count is
 # restored after each test, so the result does not depend on test order (Trainer sets it too).
-ONE_THREAD_FILES = ("trainer/*", "model/test_layouts_model.py")
+ONE_THREAD_FILES = (
+    "trainer/test_trainer*",
+    "trainer/test_distributed.py",
+    "model/test_layouts_model.py",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +91,11 @@ TOL = {
 # markers are registered in pyproject.toml (--strict-markers rejects unknown ones);
 # tests/repo/test_markers.py checks every pattern matches a file.
 SLOW_GROUPS = {
-    "trainer": ("trainer/*", "model/test_layouts_model.py"),
+    "trainer": (
+        "trainer/test_trainer*",
+        "trainer/test_distributed.py",
+        "model/test_layouts_model.py",
+    ),
     "triton": ("*/test_triton_*", "ops/test_compile.py"),
     "gpu_compile": ("gpu_compile/test_triton_gpu_compile.py",),
     "subprocess": (),  # marked by hand

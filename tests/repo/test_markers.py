@@ -26,6 +26,11 @@ def test_groups_are_registered_and_match_test_files():
         assert any(fnmatch(f, pattern) for f in files), f"no test file matches {pattern!r}"
 
 
+def test_every_test_file_is_in_a_family_folder():
+    # tests/ itself holds the helpers (_*.py) and conftest.py only
+    assert [f for f in _test_files() if "/" not in f] == []
+
+
 def test_test_basenames_are_unique():
     # pytest's default "prepend" import mode imports each test file by its basename (the test
     # folders have no __init__.py): two files of one name in two folders would collide
