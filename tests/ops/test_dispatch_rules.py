@@ -6,7 +6,8 @@ compared with ``torch.equal``; a call that is not rerouted is checked to reach i
 
 import pytest
 import torch
-from _cpp_helpers import offsets, requires_cpp
+from _cpp_helpers import requires_cpp
+from _csr import offsets
 
 import steppo_fast as sf
 from steppo_fast import _dispatch, reference
