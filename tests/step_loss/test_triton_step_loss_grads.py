@@ -96,7 +96,7 @@ EDGE_LAYOUTS = {  # (steps per trajectory, tokens per step)
 def _edge_case(name, seed=0):
     steps, tokens = EDGE_LAYOUTS[name]
     gen = torch.Generator().manual_seed(seed)
-    cu_steps, cu_trajs = offsets(tokens)(steps)
+    cu_steps, cu_trajs = offsets(tokens), offsets(steps)
     num_tokens, num_steps = int(cu_steps[-1]), len(tokens)
     old = -2.0 * torch.rand(num_tokens, generator=gen)
     weight = torch.rand(num_steps, generator=gen) + 0.25
