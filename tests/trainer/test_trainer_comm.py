@@ -5,7 +5,7 @@ A single process runs the same ``Trainer.step`` as every rank of a ``torchrun`` 
 themselves (a mean over one rank is the value, never ``v * w / w``), whitening on one process
 (the ``whiten`` op, bit for bit) against the collective float64 path, and one iteration through
 a real one-rank gloo ``Comm`` against the same iteration on a ``LocalComm``. The W-rank ==
-1-rank equality is tests/test_distributed.py's.
+1-rank equality is tests/trainer/test_distributed.py's.
 """
 
 from __future__ import annotations

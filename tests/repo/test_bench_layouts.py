@@ -7,9 +7,12 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.subprocess  # a fresh interpreter that trains a tiny model
 def test_layout_bench_runs_and_rows_re_encode_the_history():
     args = ["--env", "doors", "--episodes", "2", "--reps", "1", "--no-save"]
     out = subprocess.run(
