@@ -178,9 +178,11 @@ void loss_kernel(const LossArgs<scalar_t, acc_t, index_t>& a, const LossOptions&
           for (int64_t i = t0; i < t1; ++i) step_x += x_of(i);
         kl_n -= tok_w * step_x;
         if (o.ratio_level == RatioLevel::kToken) {
-          total_w += tok_w * n;
           for (int64_t i = t0; i < t1; ++i) {
             const UnitResult r = unit_loss(valid ? x_of(i) : 0.0, adv, o);
+            // the same terms in the same order as clip_n / dual_n, so that (rounded addition
+            // being monotone) a fraction never exceeds 1
+            total_w += tok_w;
             loss += tok_w * r.loss;
             clip_n += r.clipped ? tok_w : 0.0;
             dual_n += r.dual ? tok_w : 0.0;

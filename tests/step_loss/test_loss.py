@@ -83,20 +83,9 @@ def test_policy_loss_matches_loop_oracle(impl, ratio_level, agg, weights):
     assert seen_clip  # the case exercises the clipped branch
 
 
-# The C++ loss sums the per-unit fractions in another order: 1.0000000000000002 here, a
-# fraction above 1 (found when this test was parametrised over impl; a defect of the C++
-# statistics, left for its owner). strict: the xfail turns into a failure once it is fixed.
-CPP_FRAC_ABOVE_ONE = pytest.mark.xfail(
-    strict=True, reason="C++ step loss: dual_clip_frac 1.0000000000000002 > 1 (rounding)"
-)
-
-
 @pytest.mark.parametrize(
     "impl",
-    [
-        pytest.param(i, marks=CPP_FRAC_ABOVE_ONE) if i == "cpp" else i
-        for i in impls_for("step_policy_loss")
-    ],
+    impls_for("step_policy_loss"),
 )
 def test_dual_clip_is_exercised(impl):
     impl = impl_or_skip("step_policy_loss", impl)
