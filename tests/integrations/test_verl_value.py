@@ -23,7 +23,7 @@ def oracle_step_value_losses(vpreds, values, returns, mask, clip):
     """0.5 max((v - R)^2, (clipped v - R)^2) at each step's first token, oracle_steps order."""
     out = []
     for r, s, _ in oracle_steps(mask):
-        v, old, ret = float(vpreds[r, s]), float(values[r, s]), float(returns[r, s])
+        v, old, ret = float(vpreds[r, s].detach()), float(values[r, s]), float(returns[r, s])
         err = (v - ret) ** 2
         if clip is not None:
             err = max(err, (old + min(max(v - old, -clip), clip) - ret) ** 2)
