@@ -1,0 +1,208 @@
+"""Per-step advantage quality against the environment's optimal solver.
+
+Question: does a step-level critic (StepPO) give each step an advantage whose sign says whether
+that step's action was a good one, more often than a trajectory-level (GRPO / GSPO), anchor-state
+(GiGPO) or token-level (PPO) advantage does?
+
+Ground truth: the env's scripted solver (``steppo_fast.trainer.sft.SOLVERS``) is optimal and
+reads only the observations so far, so every step of a sampled episode can be labelled
+``optimal`` (the action taken equals the solver's action in that state) or not, by replaying the
+episode from its seed. On the batches of real training runs (``--algos``: each runs ``--iters``
+iterations from ``--init``; the run's own critic, trained as usual), every algorithm's advantage
+is computed on the *same* batch with that algorithm's defaults:
+
+- ``steppo``: whitened step GAE with the running critic's step values (``steppo`` runs only);
+- ``ppo``: whitened token GAE with the running critic's token values, averaged over each step's
+  action tokens (``ppo`` runs only);
+- ``grpo`` (= ``gspo``'s advantage): the group-normalised episode return, the same for every
+  step of an episode;
+- ``gigpo``: episode + anchor-state step advantage;
+- ``rtg``: the undiscounted return-to-go minus the batch mean (a critic-free step baseline).
+
+Scores per iteration and advantage, over the steps with a non-zero advantage:
+
+    agree = fraction of steps with sign(A_s) = +1 if optimal(s) else -1
+    mass  = sum_s A_s * y_s / sum_s |A_s|,     y_s = +1 if optimal(s) else -1   (in [-1, 1])
+    zero  = fraction of steps with A_s == 0 (no signal at all)
+
+``agree`` = 0.5 and ``mass`` = 0 mean the advantage carries no information about which actions
+were right. Output: one JSON file (per run, per iteration, per advantage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+from steppo_fast.envs import make_env
+from steppo_fast.trainer import loop as loop_mod
+from steppo_fast.trainer.algorithms import compute_targets
+from steppo_fast.trainer.config import TrainConfig
+from steppo_fast.trainer.rollout import action_text
+from steppo_fast.trainer.sft import SOLVERS
+
+
+def optimal_labels(env_name: str, tokenizer, trajectories: list[dict]) -> list[bool]:
+    """One bool per step (batch order): the step's action equals the solver's action."""
+    solve = SOLVERS[env_name]
+    labels = []
+    for traj in trajectories:
+        env = make_env(env_name)
+        observations = [env.reset(traj["seed"])]
+        for step in traj["steps"]:
+            text = action_text(tokenizer, step["action_ids"])
+            labels.append(text == solve(env, observations))
+            obs, *_ = env.step(text)
+            observations.append(obs)
+    return labels
+
+
+def scores(adv: torch.Tensor, optimal: torch.Tensor) -> dict:
+    """``agree`` / ``mass`` / ``zero`` of step advantages ``adv`` [S] against ``optimal`` [S]."""
+    adv = adv.double()
+    y = optimal.double() * 2 - 1
+    nz = adv != 0
+    n = int(nz.sum())
+    return {
+        "agree": float(((adv.sign() == y) & nz).double().sum()) / n if n else None,
+        "mass": float((adv * y).sum() / adv.abs().sum()) if n else None,
+        "zero": float((~nz).double().mean()),
+        "mean_opt": float(adv[optimal].mean()) if optimal.any() else None,
+        "mean_sub": float(adv[~optimal].mean()) if (~optimal).any() else None,
+    }
+
+
+def step_advantages(cfg: TrainConfig, batch, targets) -> dict[str, torch.Tensor]:
+    """Every algorithm's step advantage [S] on ``batch`` (the run's own one from ``targets``)."""
+    out = {}
+    if targets.token_units:  # ppo: mean over each step's action tokens
+        counts = batch.step_num_actions.cpu()
+        step_of = torch.repeat_interleave(torch.arange(batch.num_steps), counts)
+        sums = torch.zeros(batch.num_steps, dtype=torch.float64)
+        sums.index_add_(0, step_of, targets.advantages.double().cpu())
+        out["ppo"] = sums / counts.double()
+    else:
+        out[cfg.algo] = targets.advantages.double()
+    for algo in ("grpo", "gigpo"):
+        other = dataclasses.replace(cfg, algo=algo, gamma=None, lam=None).resolved()
+        out[algo] = compute_targets(other, batch, None).advantages.double()
+    rtg = compute_targets(
+        dataclasses.replace(cfg, algo="steppo", gamma=1.0, lam=1.0).resolved(),
+        batch,
+        torch.zeros(batch.num_steps),
+    ).raw_advantages.double()
+    out["rtg"] = rtg - rtg.mean()
+    return out
+
+
+def run(cfg: TrainConfig, log=print) -> list[dict]:
+    """Train ``cfg`` for ``cfg.iters`` iterations; score every iteration's advantages."""
+    captured: dict = {}
+    rows: list[dict] = []
+    original = loop_mod.compute_targets
+
+    def hooked(c, batch, values):
+        targets = original(c, batch, values)
+        captured["batch"], captured["targets"] = batch, targets
+        return targets
+
+    trainer = loop_mod.Trainer(cfg)
+    collect = trainer.collect
+
+    def collect_hook(seeds, groups, *, greedy, generator, desc):
+        res = collect(seeds, groups, greedy=greedy, generator=generator, desc=desc)
+        if desc.startswith("rollout"):
+            captured["trajectories"] = res.trajectories
+        return res
+
+    trainer.collect = collect_hook
+    loop_mod.compute_targets = hooked
+    try:
+        while trainer.iteration < cfg.iters:
+            row = trainer.step()
+            batch, targets = captured["batch"], captured["targets"]
+            labels = optimal_labels(cfg.env, trainer.tokenizer, captured["trajectories"])
+            optimal = torch.tensor(labels, dtype=torch.bool)
+            assert optimal.numel() == batch.num_steps
+            advs = step_advantages(cfg, batch, targets)
+            entry = {
+                "iter": trainer.iteration,
+                "success_rate": row["success_rate"],
+                "steps": batch.num_steps,
+                "optimal_frac": float(optimal.double().mean()),
+                "explained_var": row.get("critic/explained_var"),
+                "scores": {k: scores(v, optimal) for k, v in advs.items()},
+            }
+            rows.append(entry)
+            log(
+                f"{cfg.algo} s{cfg.seed} it {entry['iter']} succ {row['success_rate']:.2f} "
+                f"opt {entry['optimal_frac']:.2f} "
+                + " ".join(
+                    f"{k}:{s['agree'] if s['agree'] is None else round(s['agree'], 3)}"
+                    for k, s in entry["scores"].items()
+                )
+            )
+    finally:
+        loop_mod.compute_targets = original
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--env", default="quest")
+    ap.add_argument("--init", default="", help="steppo sft model folder (warm start)")
+    ap.add_argument("--algos", default="steppo,ppo")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="bench/results/advantage_quality.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    runs = []
+    for algo in args.algos.split(","):
+        for seed in range(args.seeds):
+            cfg = TrainConfig(
+                env=args.env,
+                algo=algo,
+                seed=seed,
+                iters=args.iters,
+                groups=args.groups,
+                lr=args.lr,
+                init=args.init,
+                eval_every=0,
+                plot=False,
+                progress=False,
+                threads=1,
+                out=os.path.join("/tmp", f"advq-{args.env}-{algo}-s{seed}-{os.getpid()}"),
+            )
+            runs.append({"algo": algo, "seed": seed, "iters": run(cfg)})
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    meta = {
+        "args": vars(args),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "loadavg_end": os.getloadavg()[0],
+        "wall_s": round(time.time() - t0, 1),
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
