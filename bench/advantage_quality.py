@@ -26,7 +26,11 @@ Scores per iteration and advantage, over the steps with a non-zero advantage:
     zero  = fraction of steps with A_s == 0 (no signal at all)
 
 ``agree`` = 0.5 and ``mass`` = 0 mean the advantage carries no information about which actions
-were right. Output: one JSON file (per run, per iteration, per advantage).
+were right. The same scores of the *within-episode* part ``A_s - mean_{s' in episode} A_s'``
+(under ``"within"`` in the JSON) ask the credit-assignment question proper: inside one
+episode, are the right steps ranked above the wrong ones? A trajectory-level advantage (grpo)
+has no within-episode part (``zero`` = 1). Output: one JSON file (per run, per iteration, per
+advantage).
 """
 
 from __future__ import annotations
@@ -77,6 +81,17 @@ def scores(adv: torch.Tensor, optimal: torch.Tensor) -> dict:
         "mean_opt": float(adv[optimal].mean()) if optimal.any() else None,
         "mean_sub": float(adv[~optimal].mean()) if (~optimal).any() else None,
     }
+
+
+def within(adv: torch.Tensor, traj: torch.Tensor) -> torch.Tensor:
+    """``adv`` [S] minus its episode's mean (``traj`` [S]: each step's episode), rounded to
+    1e-9 so that an advantage constant over an episode gives exactly 0."""
+    adv = adv.double().cpu()
+    n = int(traj.max()) + 1 if traj.numel() else 0
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, traj, adv)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, traj, torch.ones_like(adv))
+    out = adv - (sums / counts)[traj]
+    return torch.where(out.abs() < 1e-9, torch.zeros_like(out), out)
 
 
 def step_advantages(cfg: TrainConfig, batch, targets) -> dict[str, torch.Tensor]:
@@ -132,6 +147,7 @@ def run(cfg: TrainConfig, log=print) -> list[dict]:
             optimal = torch.tensor(labels, dtype=torch.bool)
             assert optimal.numel() == batch.num_steps
             advs = step_advantages(cfg, batch, targets)
+            traj = batch.step_traj.cpu().long()
             entry = {
                 "iter": trainer.iteration,
                 "success_rate": row["success_rate"],
@@ -139,19 +155,24 @@ def run(cfg: TrainConfig, log=print) -> list[dict]:
                 "optimal_frac": float(optimal.double().mean()),
                 "explained_var": row.get("critic/explained_var"),
                 "scores": {k: scores(v, optimal) for k, v in advs.items()},
+                "within": {k: scores(within(v, traj), optimal) for k, v in advs.items()},
             }
             rows.append(entry)
             log(
                 f"{cfg.algo} s{cfg.seed} it {entry['iter']} succ {row['success_rate']:.2f} "
                 f"opt {entry['optimal_frac']:.2f} "
                 + " ".join(
-                    f"{k}:{s['agree'] if s['agree'] is None else round(s['agree'], 3)}"
+                    f"{k}:{_r(s['agree'])}/{_r(entry['within'][k]['agree'])}"
                     for k, s in entry["scores"].items()
                 )
             )
     finally:
         loop_mod.compute_targets = original
     return rows
+
+
+def _r(x):
+    return x if x is None else round(x, 3)
 
 
 def main(argv: list[str] | None = None) -> int:

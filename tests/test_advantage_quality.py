@@ -60,3 +60,11 @@ def test_scores_of_perfect_opposite_and_silent_advantages():
     assert abs(part["agree"] - 2 / 3) < 1e-12 and abs(part["mass"] - 1 / 3) < 1e-12
     assert part["zero"] == 0.4
     assert scores(torch.zeros(5), opt)["agree"] is None
+
+
+def test_within_episode_part_removes_the_episode_mean():
+    within = _mod.within
+    traj = torch.tensor([0, 0, 0, 1, 1])
+    assert within(torch.tensor([2.0, 2.0, 2.0, -1.0, -1.0]), traj).eq(0).all()  # grpo-like
+    got = within(torch.tensor([3.0, 0.0, 0.0, 1.0, -1.0]), traj)
+    assert torch.allclose(got, torch.tensor([2.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64))
