@@ -11,7 +11,9 @@ episode from its seed. On the batches of real training runs (``--algos``: each r
 iterations from ``--init``; the run's own critic, trained as usual), every algorithm's advantage
 is computed on the *same* batch with that algorithm's defaults:
 
-- ``steppo``: whitened step GAE with the running critic's step values (``steppo`` runs only);
+- ``steppo``: whitened step GAE with the running critic's step values (``steppo`` runs only;
+  also ``steppo_lam0.9`` and ``steppo_lam0`` = the TD error ``r + V(s') - V(s)``: the same
+  values with a shorter GAE horizon, a what-if the run did not train on);
 - ``ppo``: whitened token GAE with the running critic's token values, averaged over each step's
   action tokens (``ppo`` runs only);
 - ``grpo`` (= ``gspo``'s advantage): the group-normalised episode return, the same for every
@@ -105,6 +107,11 @@ def step_advantages(cfg: TrainConfig, batch, targets) -> dict[str, torch.Tensor]
         out["ppo"] = sums / counts.double()
     else:
         out[cfg.algo] = targets.advantages.double()
+    if cfg.algo == "steppo":  # the same critic values, shorter GAE horizons (lam < 1)
+        for lam in (0.9, 0.0):
+            other = dataclasses.replace(cfg, lam=lam).resolved()
+            adv = compute_targets(other, batch, targets.old_values).advantages
+            out[f"steppo_lam{lam:g}"] = adv.double()
     for algo in ("grpo", "gigpo"):
         other = dataclasses.replace(cfg, algo=algo, gamma=None, lam=None).resolved()
         out[algo] = compute_targets(other, batch, None).advantages.double()
@@ -175,8 +182,43 @@ def _r(x):
     return x if x is None else round(x, 3)
 
 
+def summarize(paths: list[str]) -> str:
+    """Markdown: per file (run algorithm) and advantage, the mean over runs and iterations of
+    ``agree`` / ``mass`` (whole advantage) and of the within-episode ones (iterations where a
+    score is undefined, e.g. every return equal, are left out; ``n`` counts the rest)."""
+    lines = [
+        "| env | runs of | advantage | agree | mass | within-episode agree | within-episode mass "
+        "| steps with A = 0 | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        env = data["meta"]["args"]["env"]
+        algos = sorted({r["algo"] for r in data["runs"]})
+        keys = list(data["runs"][0]["iters"][0]["scores"])
+        for key in keys:
+            vals: dict[str, list[float]] = {}
+            for run_ in data["runs"]:
+                for it in run_["iters"]:
+                    for part, name in (("scores", ""), ("within", "w_")):
+                        for m in ("agree", "mass", "zero"):
+                            v = it[part][key][m]
+                            if v is not None:
+                                vals.setdefault(name + m, []).append(v)
+            m = {k: f"{sum(xs) / len(xs):.3f}" for k, xs in vals.items() if xs}
+            lines.append(
+                f"| {env} | {','.join(algos)} | {key} | {m.get('agree', '-')} "
+                f"| {m.get('mass', '-')} | {m.get('w_agree', '-')} | {m.get('w_mass', '-')} "
+                f"| {m.get('zero', '-')} "
+                f"| {len(vals.get('agree', []))} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table and exit")
     ap.add_argument("--env", default="quest")
     ap.add_argument("--init", default="", help="steppo sft model folder (warm start)")
     ap.add_argument("--algos", default="steppo,ppo")
@@ -186,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="bench/results/advantage_quality.json")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     torch.set_num_threads(1)
     t0 = time.time()
     runs = []
