@@ -182,6 +182,41 @@ def _r(x):
     return x if x is None else round(x, 3)
 
 
+def positions(env: str, init: str, episodes: int = 128, seed: int = 7) -> dict:
+    """Where the optimal steps sit: ``episodes`` sampled episodes of the ``init`` policy (groups
+    of 4 per task, task seeds from 5000), each step labelled; per outcome, the fraction of
+    optimal steps and the mean relative position ``j / (n - 1)`` in the episode of optimal and
+    of other steps; and the optimal fraction among the first 5 steps vs the later ones."""
+    cfg = TrainConfig(env=env, init=init, algo="grpo", progress=False, plot=False, threads=1)
+    trainer = loop_mod.Trainer(dataclasses.replace(cfg, out="/tmp/advq-positions"))
+    gen = torch.Generator().manual_seed(seed)
+    seeds = [5000 + i // 4 for i in range(episodes)]
+    res = trainer.collect(
+        seeds, [i // 4 for i in range(episodes)], greedy=False, generator=gen, desc="rollout"
+    )
+    labels = iter(optimal_labels(env, trainer.tokenizer, res.trajectories))
+    rows = []
+    for traj in res.trajectories:
+        n = len(traj["steps"])
+        rows += [(traj["success"], j / max(n - 1, 1), j, next(labels)) for j in range(n)]
+    out = {}
+    for name, success in (("succeeded", True), ("failed", False)):
+        sel = [r for r in rows if r[0] == success]
+        opt = [r[1] for r in sel if r[3]]
+        sub = [r[1] for r in sel if not r[3]]
+        out[name] = {
+            "steps": len(sel),
+            "optimal_frac": len(opt) / len(sel) if sel else None,
+            "rel_pos_optimal": sum(opt) / len(opt) if opt else None,
+            "rel_pos_other": sum(sub) / len(sub) if sub else None,
+        }
+    first = [r[3] for r in rows if r[2] < 5]
+    later = [r[3] for r in rows if r[2] >= 5]
+    out["optimal_frac_first5"] = sum(first) / len(first) if first else None
+    out["optimal_frac_later"] = sum(later) / len(later) if later else None
+    return out
+
+
 def summarize(paths: list[str]) -> str:
     """Markdown: per file (run algorithm) and advantage, the mean over runs and iterations of
     ``agree`` / ``mass`` (whole advantage) and of the within-episode ones (iterations where a
@@ -219,6 +254,9 @@ def summarize(paths: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table and exit")
+    ap.add_argument(
+        "--positions", action="store_true", help="print where optimal steps sit (--init policy)"
+    )
     ap.add_argument("--env", default="quest")
     ap.add_argument("--init", default="", help="steppo sft model folder (warm start)")
     ap.add_argument("--algos", default="steppo,ppo")
@@ -230,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
+        return 0
+    if args.positions:
+        print(json.dumps(positions(args.env, args.init), indent=1))
         return 0
     torch.set_num_threads(1)
     t0 = time.time()
