@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--groups", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", default="bench/results/advantage_quality.json")
+    ap.add_argument("--out", default="", help="results JSON (required to train)")
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.positions:
         print(json.dumps(positions(args.env, args.init), indent=1))
         return 0
+    if not args.out:
+        ap.error("--out: a results JSON path is required")
     torch.set_num_threads(1)
     t0 = time.time()
     runs = []
