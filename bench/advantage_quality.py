@@ -130,8 +130,8 @@ def run(cfg: TrainConfig, log=print) -> list[dict]:
     rows: list[dict] = []
     original = loop_mod.compute_targets
 
-    def hooked(c, batch, values):
-        targets = original(c, batch, values)
+    def hooked(c, batch, values, *rest):  # rest: the trainer's comm, where it passes one
+        targets = original(c, batch, values, *rest)
         captured["batch"], captured["targets"] = batch, targets
         return targets
 
