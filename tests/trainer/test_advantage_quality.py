@@ -8,7 +8,7 @@ import torch
 from steppo_fast.envs import default_tokenizer, make_env
 from steppo_fast.envs.quest import scripted_action
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "advantage_quality.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "bench" / "advantage_quality.py"
 _spec = importlib.util.spec_from_file_location("advantage_quality", SCRIPT)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
