@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from _tolerance import assert_close_to_oracle, assert_within, sum_error, unit_roundoff
-from _trainer_setup import register_one_door, tiny_policy
+from _trainer_setup import play, register_one_door, tiny_policy
 from _trainer_setup import small_cfg as _small_cfg
 
 from steppo_fast import StepBatch, linear_logprobs
@@ -18,7 +18,6 @@ from steppo_fast.trainer.config import ALGOS, TrainConfig
 from steppo_fast.trainer.loop import Trainer
 from steppo_fast.trainer.masking import masked_logprobs
 from steppo_fast.trainer.policy import Critic, build_policy, hidden_states
-from steppo_fast.trainer.rollout import rollout
 from steppo_fast.trainer.update import Models, forward, ppo_update, reference_logprobs
 
 pytest.importorskip("transformers")
@@ -48,19 +47,6 @@ def policy64(policy):
     """The same policy in fp64: the oracle fp32 log-probs and hidden states are measured against
     (within ORACLE_FACTOR x the training path's own fp32 error, ``assert_close_to_oracle``)."""
     return copy.deepcopy(policy).double()
-
-
-def play(policy, tok, env="doors", n=6, grammar=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return rollout(
-        policy,
-        tok,
-        lambda: make_env(env),
-        list(range(100, 100 + n)),
-        [i // 2 for i in range(n)],
-        use_grammar=grammar,
-        generator=gen,
-    )
 
 
 # ----------------------------------------------------------------------------- rollout

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from _tolerance import assert_close_to_oracle
+from _trainer_setup import play
 
 from steppo_fast import StepBatch, linear_logprobs
 from steppo_fast.envs import DoorsEnv, default_tokenizer, make_env, register
@@ -27,7 +28,6 @@ from steppo_fast.trainer.masking import (
     sample_from_allowed,
 )
 from steppo_fast.trainer.policy import build_policy, build_tokenizer, hidden_states
-from steppo_fast.trainer.rollout import rollout
 from steppo_fast.trainer.update import reference_logprobs
 
 pytest.importorskip("transformers")
@@ -113,19 +113,6 @@ def policy64(policy):
     """The same policy in fp64: the oracle of the sampler's fp32 log-probs (within
     ORACLE_FACTOR x the training path's own fp32 error, ``assert_close_to_oracle``)."""
     return copy.deepcopy(policy).double()
-
-
-def play(policy, tok, env="doors", n=6, grammar=True, seed=0, max_action_tokens=6):
-    return rollout(
-        policy,
-        tok,
-        lambda: make_env(env),
-        list(range(100, 100 + n)),
-        [i // 2 for i in range(n)],
-        use_grammar=grammar,
-        max_action_tokens=max_action_tokens,
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 # ----------------------------------------------------------------------------- tokenizer
