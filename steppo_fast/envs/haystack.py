@@ -143,4 +143,12 @@ def scripted_action(observations: list[str], n_pages: int = 8) -> str:
     return f"look {min(looked + 1, n_pages)}"
 
 
+def small_haystack() -> HaystackEnv:
+    """``haystack-small``: 4 pages of 24 words, 8 steps. The same find-and-recall task at a size
+    whose warm start (``steppo sft``) and algorithm comparison fit in minutes of CPU with the tiny
+    model; the default ``haystack`` is the long-context one."""
+    return HaystackEnv(n_pages=4, page_tokens=24, max_steps=8)
+
+
 register("haystack", HaystackEnv)
+register("haystack-small", small_haystack)

@@ -55,6 +55,7 @@ SOLVERS: dict[str, Callable] = {
     "doors": lambda env, obs: doors.scripted_action(obs),
     "quest": lambda env, obs: quest.scripted_action(obs),
     "haystack": lambda env, obs: haystack.scripted_action(obs, env.n_pages),
+    "haystack-small": lambda env, obs: haystack.scripted_action(obs, env.n_pages),
 }
 
 

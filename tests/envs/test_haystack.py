@@ -142,3 +142,18 @@ def test_steppo_train_runs_end_to_end_on_haystack(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iter"] == 1 and rows[-1]["tokens"] > 4 * 100
     assert rows[-1]["policy_loss"] == rows[-1]["policy_loss"]  # not NaN
+
+
+def test_haystack_small_is_the_same_task_at_a_small_size():
+    """``haystack-small`` (the comparison's size): 4 pages of 24 words, 8 steps; the scripted
+    reader wins every task within the budget, and steppo sft has its solver."""
+    from steppo_fast.trainer.sft import SOLVERS
+
+    assert "haystack-small" in env_names() and "haystack-small" in SOLVERS
+    env = make_env("haystack-small")
+    assert (env.n_pages, env.page_tokens, env.max_steps) == (4, 24, 8)
+    env.reset(3)
+    assert all(len(env.page(n).split()) == 24 + 2 for n in range(1, 5))
+    for seed in range(50):
+        _, total, steps, _ = play(env, seed, lambda o: SOLVERS["haystack-small"](env, o))
+        assert total == 1.0 and steps <= 4 + 1
