@@ -130,17 +130,19 @@ class HaystackEnv:
 
 def scripted_action(observations: list[str], n_pages: int = 8) -> str:
     """The optimal reader's next action given the episode's observations so far (the first one
-    from ``reset``): ``open`` the key once a page showed it, else ``look`` at the first page not
-    yet read (pages are read in order 1, 2, ...)."""
-    looked = 0
+    from ``reset``): ``open`` the key once a page showed it, else ``look`` at the lowest-numbered
+    page not yet read (so from a clean start pages are read in order 1, 2, ...; after other
+    actions, no page is read twice)."""
+    read = set()
     for text in observations[1:]:
         words = text.split()
         for i in range(len(words) - 4):
             if words[i] == "key" and words[i + 1] == "is":
                 return "open " + " ".join(words[i + 2 : i + 5])
         if len(words) > 1 and words[1] == ":" and words[0] in DIGITS:
-            looked = max(looked, int(words[0]))
-    return f"look {min(looked + 1, n_pages)}"
+            read.add(int(words[0]))
+    unread = [n for n in range(1, n_pages + 1) if n not in read]
+    return f"look {unread[0] if unread else n_pages}"
 
 
 def small_haystack() -> HaystackEnv:
