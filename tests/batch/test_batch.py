@@ -13,22 +13,9 @@ import torch
 
 from steppo_fast.batch import StepBatch, position_ids
 from steppo_fast.batch import packing_numba as _packing_numba
+from steppo_fast.batch.fields import TENSOR_FIELDS
 
 HAS_NUMBA = _packing_numba.numba_available()
-FIELDS = (
-    "input_ids",
-    "cu_seqlens",
-    "action_index",
-    "cu_steps",
-    "cu_trajs",
-    "value_index",
-    "rewards",
-    "terminated",
-    "group",
-    "anchor",
-    "step_weight",
-    "rollout_logp",
-)
 
 
 def step(prompt, action, reward=0.0, **extra):
@@ -55,7 +42,7 @@ def example():
 
 
 def assert_same_batch(x: StepBatch, y: StepBatch):
-    for name in FIELDS:
+    for name in TENSOR_FIELDS:
         u, v = getattr(x, name), getattr(y, name)
         assert (u is None) == (v is None), name
         if u is not None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from steppo_fast.batch import StepBatch
 from steppo_fast.batch import microbatch as _microbatch
 from steppo_fast.batch import packing_numba as _packing_numba
+from steppo_fast.batch.fields import TENSOR_FIELDS
 
 HAS_NUMBA = _packing_numba.numba_available()
 PER_STEP = ("rewards", "value_index", "anchor")
@@ -275,19 +276,10 @@ def test_property_layouts_and_microbatches(trajs, max_tokens, method):
 def test_property_numba_equals_numpy(trajs, layout, max_tokens):
     a = StepBatch._from_records(trajs, layout, use_numba=True)
     b = StepBatch._from_records(trajs, layout, use_numba=False)
-    for name in (
-        "input_ids",
-        "cu_seqlens",
-        "action_index",
-        "cu_steps",
-        "cu_trajs",
-        "value_index",
-        "rewards",
-        "terminated",
-        "group",
-    ):
+    for name in TENSOR_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype and torch.equal(x, y), name
+        assert (x is None) == (y is None), name
+        assert x is None or (x.dtype == y.dtype and torch.equal(x, y)), name
     plans = [
         _microbatch.plan_ffd(np.asarray(token_sizes(a), dtype=np.int64), max_tokens, u)
         for u in (True, False)
